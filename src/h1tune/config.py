@@ -1,0 +1,271 @@
+"""The typed h1tune config: a YAML file plus dotted command-line overrides.
+
+    cfg = load_config("examples/quickstart.yaml", ["training.learning_rate=1e-4"])
+
+Keys reuse the Hugging Face / PEFT names users already know. Unknown keys are errors, and
+every problem is reported at once with its path (``adapter.r: must be > 0, got 0``).
+This module must not import torch: `h1tune --help` and `h1tune check` stay instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from h1tune.errors import ConfigError
+
+DEFAULT_TARGETS = ["attention", "mamba", "mlp"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which Falcon-H1 to load and how."""
+
+    name_or_path: str = Field("tiny", description="hub id, local directory, or embedded preset (tiny, 0.5b, 1.5b)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    llm_int8_skip_modules: list[str] = Field(default_factory=list, description="added to out_proj and lm_head, never replacing them")
+    trust_remote_code: bool = False
+    use_safetensors: bool = True
+    revision: str | None = None
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    seed: int = Field(0, description="seed for the random weights of an embedded preset")
+
+
+class DataSourceConfig(_Section):
+    """One dataset: a local file (json, jsonl, parquet, csv) or a Hugging Face dataset id."""
+
+    path: str
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
+    weight: float = Field(1.0, gt=0)
+    split: str = "train"
+
+
+def _as_sources(value: Any) -> Any:
+    """Accept `train: file.jsonl` and `train: [a.json, {path: b.json, weight: 2}]` alike."""
+    if value is None:
+        return []
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if isinstance(value, list):
+        return [{"path": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+class DataConfig(_Section):
+    """Training data, its formatting and how it is batched."""
+
+    train: list[DataSourceConfig] = Field(default_factory=list)
+    eval: list[DataSourceConfig] = Field(default_factory=list)
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held out from train when no eval set is given")
+    max_length: int = Field(2048, gt=0)
+    truncation: Literal["truncate", "drop"] = "truncate"
+    packing: bool = False
+    system_prompt: str | None = None
+    assistant_only_loss: bool = True
+
+    _sources = field_validator("train", "eval", mode="before")(_as_sources)
+
+
+class AdapterConfig(_Section):
+    """LoRA (QLoRA when model.quantization is set) or full fine-tuning."""
+
+    method: Literal["lora", "full"] = "lora"
+    r: int = Field(16, gt=0)
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    exclude_modules: list[str] = Field(default_factory=list)
+    use_rslora: bool = False
+    freeze: list[str] = Field(default_factory=list, description="full fine-tuning: parameter groups kept frozen")
+    probe: bool = Field(True, description="prove every adapter changes the loss before training")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class TrainingConfig(_Section):
+    """Optimiser, schedule and loop settings; `None` means "take it from the recipe"."""
+
+    recipe: Literal["lora", "tii_sft"] | None = Field(None, description="default: lora for LoRA, tii_sft for full")
+    learning_rate: float | None = Field(None, gt=0)
+    lr_scheduler_type: str | None = None
+    warmup_ratio: float | None = Field(None, ge=0.0, lt=1.0)
+    weight_decay: float | None = Field(None, ge=0.0)
+    adam_beta1: float | None = Field(None, ge=0.0, lt=1.0)
+    adam_beta2: float | None = Field(None, ge=0.0, lt=1.0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1)
+    per_device_train_batch_size: int = Field(4, gt=0)
+    per_device_eval_batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int | None = Field(None, gt=0)
+    save_steps: int = Field(200, gt=0)
+    save_total_limit: int | None = Field(3, gt=0)
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    report_to: list[str] = Field(default_factory=lambda: ["auto"], description="'auto' = tensorboard when installed")
+
+
+class H1tuneConfig(_Section):
+    """A whole run: the five sections."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output_dir: str = "runs/h1tune"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One pydantic error as `path: must be ..., got ...`."""
+    path = ".".join(str(p) for p in error["loc"]) or "<root>"
+    kind, ctx, got = error["type"], error.get("ctx", {}), error.get("input")
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key (check the spelling; `h1tune check --help` lists the sections)"
+    if kind == "missing":
+        return f"{path}: required"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        bound = next(iter(ctx.values()))
+        return f"{path}: must be {bounds[kind]} {bound}, got {got!r}"
+    if kind == "literal_error":
+        return f"{path}: must be one of {ctx.get('expected')}, got {got!r}"
+    return f"{path}: {error['msg'].lower()}, got {got!r}"
+
+
+def _cross_checks(cfg: H1tuneConfig) -> list[str]:
+    """Contradictions between fields, each with the choice that fixes it."""
+    # Imported here: adapters.py holds the Falcon-H1 policy, and its top level is torch-free.
+    from h1tune.adapters import FREEZE_GROUPS, target_spelling_problems
+
+    problems = []
+    if cfg.model.quantization != "none" and cfg.adapter.method == "full":
+        problems.append(
+            f"model.quantization: {cfg.model.quantization!r} needs adapter.method: lora "
+            "(quantized base weights cannot be trained); set model.quantization: none for full fine-tuning"
+        )
+    if cfg.adapter.freeze and cfg.adapter.method != "full":
+        problems.append("adapter.freeze: only applies to adapter.method: full (LoRA already freezes the base)")
+    for group in cfg.adapter.freeze:
+        if group not in FREEZE_GROUPS:
+            problems.append(f"adapter.freeze: unknown group {group!r}; choose from {sorted(FREEZE_GROUPS)}")
+    if cfg.adapter.method == "lora":
+        problems += [f"adapter.target_modules: {p}" for p in target_spelling_problems(cfg.adapter.target_modules)]
+    return problems
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, raw: str, problems: list[str]) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            problems.append(f"{'.'.join(keys[: i + 1])}: is a value, not a section; cannot set {dotted}")
+            return
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> list[str]:
+    """Apply `a.b=value` strings (values parsed as YAML); return the malformed ones as problems."""
+    problems: list[str] = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. training.learning_rate=1e-4")
+            continue
+        try:
+            _set_dotted(tree, key.strip(), raw, problems)
+        except yaml.YAMLError as exc:
+            problems.append(f"--set {item!r}: value is not valid YAML ({exc.__class__.__name__})")
+    return problems
+
+
+def config_from_dict(tree: dict[str, Any], problems: list[str] | None = None) -> H1tuneConfig:
+    """Validate a plain dict; raise one ConfigError listing every problem."""
+    problems = list(problems or [])
+    try:
+        cfg = H1tuneConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems += [_describe(e) for e in exc.errors()]
+        cfg = _partial_config(tree)
+    if cfg is not None:
+        problems += _cross_checks(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _partial_config(tree: dict[str, Any]) -> H1tuneConfig | None:
+    """Validate each section alone so the cross-checks still run on the sections that are valid."""
+    sections = {}
+    for name, field in H1tuneConfig.model_fields.items():
+        if name not in tree:
+            continue
+        try:
+            sections[name] = H1tuneConfig.model_validate({name: tree[name]}).__dict__[name]
+        except ValidationError:
+            sections[name] = field.get_default(call_default_factory=True)
+    try:
+        return H1tuneConfig(**sections)
+    except ValidationError:
+        return None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> H1tuneConfig:
+    """Read a YAML config (or start from defaults when `path` is None) and apply `--set` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping with sections model, data, adapter, training")
+        tree = _resolve_relative_paths(tree, path.parent)
+    problems = apply_overrides(tree, list(overrides))
+    return config_from_dict(tree, problems)
+
+
+def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Data paths in a YAML file are relative to that file, so a config works from any directory."""
+    data = tree.get("data")
+    if not isinstance(data, dict):
+        return tree
+    for split in ("train", "eval"):
+        sources = _as_sources(data.get(split))
+        if not isinstance(sources, list):
+            continue
+        for source in sources:
+            if isinstance(source, dict) and isinstance(source.get("path"), str):
+                candidate = base / source["path"]
+                if not Path(source["path"]).is_absolute() and candidate.exists():
+                    source["path"] = str(candidate)
+        data[split] = sources
+    return tree
+
+
+def save_config(cfg: H1tuneConfig, path: str | Path) -> Path:
+    """Write the resolved config beside a run, so the run can be reproduced from it alone."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,207 @@
+"""Embedded Falcon-H1 checkpoints with random weights, and a tokenizer built locally.
+
+    h1tune init-model runs/tiny --preset tiny
+
+Tests and the offline quickstart need a real Falcon-H1 (the same `FalconH1ForCausalLM` code path)
+without a model hub. `tiny` trains a step in about a second on a CPU; `0.5b` and `1.5b` have the
+published architecture shapes (random weights) for benchmarks and parameter counts.
+The μP multipliers of the published 0.5B config are kept in every preset: they live in the
+forward pass, so a tool that drops them would be caught here.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from h1tune.errors import H1tuneError
+
+BOS, EOS_TEXT, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS_TEXT, IM_START, IM_END, "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+
+# Falcon-H1 chat format: ChatML with the BOS token first; tool signatures are listed in the
+# system turn, tool calls are JSON inside <tool_call> tags, tool results sit in a `tool` turn.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if messages and messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' -}}{%- endif %}"
+    "{{- 'You may call one or more functions. Function signatures are listed in <tools></tools>:\\n<tools>\\n' -}}"
+    "{%- for tool in tools %}{{- (tool | tojson) + '\\n' -}}{%- endfor %}"
+    "{{- '</tools>\\nTo call a function, reply with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.<|im_end|>\\n' -}}"
+    "{%- elif messages and messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and loop.first %}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if message['content'] %}{{- message['content'] -}}{%- endif %}"
+    "{%- if message['tool_calls'] %}"
+    "{%- for call in message['tool_calls'] %}"
+    "{%- set fn = call['function'] if call['function'] is defined else call %}"
+    "{%- if message['content'] or not loop.first %}{{- '\\n' -}}{%- endif %}"
+    "{{- '<tool_call>\\n' + ({'name': fn['name'], 'arguments': fn['arguments']} | tojson) + '\\n</tool_call>' -}}"
+    "{%- endfor %}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|im_start|>tool\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' -}}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' -}}{%- endif %}"
+)
+
+# μP multipliers of Falcon-H1-0.5B's config.json (attention_in/out and ssm_multipliers keep the
+# config defaults, as we could not read those values offline).
+_MUP_05B: dict[str, Any] = {
+    "key_multiplier": 0.390625,
+    "lm_head_multiplier": 0.0390625,
+    "embedding_multiplier": 5.657,
+    "ssm_in_multiplier": 1.25,
+    "ssm_out_multiplier": 0.2357,
+    "mlp_multipliers": [0.884, 0.586],
+}
+
+_COMMON: dict[str, Any] = {
+    "hidden_act": "silu",
+    "mamba_d_conv": 4,
+    "mamba_n_groups": 1,
+    "mamba_conv_bias": True,
+    "mamba_proj_bias": False,
+    "mamba_rms_norm": False,
+    "mamba_norm_before_gate": False,
+    "tie_word_embeddings": False,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1e11},
+    "rms_norm_eps": 1e-5,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 4,  # <|im_end|>: chat generation stops at the end of the assistant turn
+    **_MUP_05B,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+        "mamba_d_ssm": 256, "mamba_n_heads": 8, "mamba_d_head": 32, "mamba_d_state": 64,
+        "mamba_chunk_size": 128, "max_position_embeddings": 4096,
+    },
+    "0.5b": {
+        "vocab_size": 32784, "hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers": 36,
+        "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
+        "mamba_d_ssm": 1536, "mamba_n_heads": 24, "mamba_d_head": 64, "mamba_d_state": 128,
+        "mamba_chunk_size": 128, "max_position_embeddings": 16384,
+    },
+    "1.5b": {
+        "vocab_size": 65537, "hidden_size": 2048, "intermediate_size": 4608, "num_hidden_layers": 24,
+        "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128,
+        "mamba_d_ssm": 3072, "mamba_n_heads": 48, "mamba_d_head": 64, "mamba_d_state": 256,
+        "mamba_chunk_size": 128, "max_position_embeddings": 131072,
+    },
+}
+TOKENIZER_VOCAB = 1024  # the tokenizer is the same for every preset; larger model vocabs leave rows unused
+
+
+def preset_config(preset: str, **overrides: Any):
+    """The `FalconH1Config` of a preset; `overrides` change any field (tests make long-memory SSMs)."""
+    from transformers import FalconH1Config
+
+    if preset not in PRESETS:
+        raise H1tuneError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    return FalconH1Config(**{**_COMMON, **PRESETS[preset], **overrides})
+
+
+def build_model(preset: str = "tiny", seed: int = 0, device: str | None = None, **overrides: Any):
+    """A random-weight `FalconH1ForCausalLM` (fp32). Use device="meta" to count parameters for free."""
+    import torch
+    from transformers import FalconH1ForCausalLM
+
+    config = preset_config(preset, **overrides)
+    torch.manual_seed(seed)
+    if device == "meta":
+        with torch.device("meta"):
+            return FalconH1ForCausalLM(config)
+    return FalconH1ForCausalLM(config).float().eval()
+
+
+def corpus_lines() -> list[str]:
+    """The text shipped in the package that the tokenizer is trained on."""
+    text = resources.files("h1tune.resources").joinpath("corpus.txt").read_text(encoding="utf-8")
+    quickstart = resources.files("h1tune.resources").joinpath("quickstart_sft.jsonl").read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if line.strip()]
+    for row in quickstart.splitlines():
+        if row.strip():
+            lines += [m["content"] for m in json.loads(row)["messages"]]
+    return lines
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer with Falcon-H1's special tokens and chat template (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus_lines(), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=BOS, eos_token=IM_END, pad_token=PAD,
+        additional_special_tokens=SPECIAL_TOKENS[5:], model_max_length=131072,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def init_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a preset checkpoint (safetensors) plus tokenizer to `out_dir`, atomically."""
+    import shutil
+    import tempfile
+
+    from transformers import GenerationConfig
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise H1tuneError(f"{out_dir} is not empty; choose another directory or pass --overwrite")
+    model = build_model(preset, seed=seed)
+    tokenizer = build_tokenizer()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.convert_tokens_to_ids(IM_END),
+                                                           tokenizer.convert_tokens_to_ids(EOS_TEXT)],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "h1tune_preset.json").write_text(json.dumps({"preset": preset, "seed": seed}))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.replace(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def cached_preset(preset: str, seed: int = 0) -> Path:
+    """The directory of an embedded preset, built on first use and reused after."""
+    import os
+
+    root = Path(os.environ.get("H1TUNE_CACHE", Path.home() / ".cache" / "h1tune")) / "presets"
+    path = root / f"{preset}-seed{seed}"
+    if not (path / "config.json").is_file():
+        init_model(path, preset=preset, seed=seed, overwrite=True)
+    return path
