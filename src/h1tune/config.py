@@ -10,7 +10,7 @@ This module must not import torch: `h1tune --help` and `h1tune check` stay insta
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -132,16 +132,29 @@ def _describe(error: dict[str, Any]) -> str:
     path = ".".join(str(p) for p in error["loc"]) or "<root>"
     kind, ctx, got = error["type"], error.get("ctx", {}), error.get("input")
     if kind == "extra_forbidden":
-        return f"{path}: unknown key (check the spelling; `h1tune check --help` lists the sections)"
+        valid = _valid_keys(error["loc"][:-1])
+        return f"{path}: unknown key; valid keys here: {', '.join(valid)}"
     if kind == "missing":
         return f"{path}: required"
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if kind in bounds:
         bound = next(iter(ctx.values()))
+        bound = f"{bound:g}" if isinstance(bound, (int, float)) else bound
         return f"{path}: must be {bounds[kind]} {bound}, got {got!r}"
     if kind == "literal_error":
         return f"{path}: must be one of {ctx.get('expected')}, got {got!r}"
     return f"{path}: {error['msg'].lower()}, got {got!r}"
+
+
+def _valid_keys(loc: tuple) -> list[str]:
+    """The field names of the section at `loc`, for an unknown-key message."""
+    section: Any = H1tuneConfig
+    for key in loc:
+        if isinstance(key, int):  # an item of a list of sections, e.g. data.train.0
+            continue
+        annotation = section.model_fields[key].annotation
+        section = next((a for a in (annotation, *get_args(annotation)) if isinstance(a, type)), annotation)
+    return list(section.model_fields) if isinstance(section, type) and issubclass(section, BaseModel) else []
 
 
 def _cross_checks(cfg: H1tuneConfig) -> list[str]:

@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny Falcon-H1 checkpoints built in-process, offline, fp32."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny Falcon-H1 checkpoint + tokenizer on disk (built once per test session)."""
+    from h1tune.tiny import init_model
+
+    return init_model(tmp_path_factory.mktemp("models") / "tiny", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from h1tune.tiny import build_tokenizer
+
+    return build_tokenizer()

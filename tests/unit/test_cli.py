@@ -1,0 +1,41 @@
+"""The CLI: instant --help for every subcommand, errors without tracebacks, init-model + generate."""
+
+import subprocess
+import sys
+
+import pytest
+
+from h1tune.cli import build_parser, main
+
+
+def subcommands():
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return sorted(action.choices)
+
+
+@pytest.mark.parametrize("name", subcommands())
+def test_every_subcommand_help_exits_zero(name, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([name, "--help"])
+    assert info.value.code == 0
+    assert name in capsys.readouterr().out
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from h1tune.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_user_errors_exit_non_zero_without_traceback(tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    assert main(["init-model", str(tmp_path / "full")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err and "--overwrite" in err
+
+
+def test_generate_streams_a_reply_from_a_model_directory(tiny_dir, capsys):
+    assert main(["generate", str(tiny_dir), "--prompt", "Hello", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() != ""

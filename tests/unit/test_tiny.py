@@ -1,0 +1,90 @@
+"""Embedded Falcon-H1 presets: build, train a step, round-trip, real shapes, chat template."""
+
+import json
+
+import pytest
+import torch
+
+from h1tune.tiny import build_model, build_tokenizer, init_model
+
+
+def test_tiny_forward_backward_runs_and_is_deterministic():
+    a, b = build_model("tiny", seed=3), build_model("tiny", seed=3)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+    assert 2e6 < sum(p.numel() for p in a.parameters()) < 8e6
+    a.train()
+    ids = torch.randint(10, 1000, (2, 64))
+    out = a(input_ids=ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None for n, p in a.named_parameters() if "layers.0." in n and "conv1d" not in n)
+
+
+def test_presets_keep_the_mup_multipliers():
+    config = build_model("tiny").config
+    assert config.lm_head_multiplier == 0.0390625 and config.embedding_multiplier == 5.657
+    assert list(config.mlp_multipliers) == [0.884, 0.586] and config.ssm_out_multiplier == 0.2357
+
+
+@pytest.mark.parametrize("preset, expected", [("0.5b", 521_411_104), ("1.5b", 1_554_789_760)])
+def test_real_shape_presets_have_published_parameter_counts_without_allocating(preset, expected):
+    model = build_model(preset, device="meta")
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_save_load_round_trip_gives_identical_logits(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    built = build_model("tiny", seed=0)
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    ids = torch.randint(10, 1000, (1, 40))
+    with torch.no_grad():
+        assert torch.equal(built(ids).logits, loaded(ids).logits)
+    assert json.loads((tiny_dir / "h1tune_preset.json").read_text()) == {"preset": "tiny", "seed": 0}
+    assert list(tiny_dir.glob("*.safetensors"))
+
+
+def test_tokenizer_is_deterministic_and_has_falcon_special_tokens(tiny_tokenizer):
+    again = build_tokenizer()
+    assert again.get_vocab() == tiny_tokenizer.get_vocab()
+    assert tiny_tokenizer.bos_token == "<|begin_of_text|>" and tiny_tokenizer.eos_token == "<|im_end|>"
+    text = "Falcon-H1 runs attention and Mamba-2 side by side."
+    assert tiny_tokenizer.decode(tiny_tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_chat_template_renders_chatml_with_bos_and_tools(tiny_tokenizer):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": '{"t": 21}'},
+        {"role": "assistant", "content": "Sunny."},
+    ]
+    text = tiny_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    expected = (
+        "<|begin_of_text|><|im_start|>system\nBe brief.\n\n"
+        "You may call one or more functions. Function signatures are listed in <tools></tools>:\n<tools>\n"
+        '{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}\n</tools>\n'
+        'To call a function, reply with <tool_call>{"name": ..., "arguments": ...}</tool_call>.<|im_end|>\n'
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+        '<|im_start|>tool\n<tool_response>\n{"t": 21}\n</tool_response><|im_end|>\n'
+        "<|im_start|>assistant\nSunny.<|im_end|>\n"
+    )
+    assert text == expected
+    prompt = tiny_tokenizer.apply_chat_template(messages[1:2], tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|begin_of_text|><|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_init_model_refuses_a_non_empty_directory(tmp_path):
+    from h1tune.errors import H1tuneError
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(H1tuneError, match="not empty"):
+        init_model(tmp_path / "x")
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
