@@ -36,6 +36,12 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 
 
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config with sections model, data, adapter, training, output_dir")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set training.learning_rate=1e-4 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="h1tune",
@@ -45,6 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"h1tune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="supervised fine-tuning (LoRA, QLoRA or full) from a YAML config",
+                       description="Validate the data, load the model, apply the adapter, prove every adapter "
+                       "trains (the probe), then train with progress, eval, atomic checkpoints and automatic "
+                       "resume. Writes the adapter (PEFT format) or full model to OUTPUT_DIR/final.")
+    _add_config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an output_dir that holds another run")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last complete checkpoint (automatic when the config is unchanged)")
+
+    p = sub.add_parser("check", help="validate config, data, chat template and adapters without training",
+                       description="Validate the config, the data files and the chat template, load the model, "
+                       "apply the adapter and run the adapter probe on a real batch. Exits non-zero on any "
+                       "problem.")
+    _add_config_args(p)
 
     p = sub.add_parser("init-model", help="write a random-weight Falcon-H1 checkpoint + tokenizer (offline)",
                        description="Write an embedded Falcon-H1 preset (random weights, safetensors) with a locally "
@@ -62,6 +83,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the user message")
     _add_sampling(p)
     return parser
+
+
+@command("train")
+def cmd_train(args: argparse.Namespace) -> int:
+    from h1tune.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from h1tune.train import run_training
+
+    result = run_training(cfg, overwrite=args.overwrite, resume=args.resume)
+    print(f"done: {result.steps} steps, train loss {result.train_loss:.4f}" if result.train_loss is not None
+          else f"done: {result.steps} steps")
+    if result.eval_metrics:
+        print(f"eval loss {result.eval_metrics['eval_loss']:.4f}, perplexity {result.eval_metrics['eval_perplexity']:.2f}")
+    print(f"saved to {result.final_dir}" + (f"; loss curve {result.loss_curve}" if result.loss_curve else ""))
+    return 0
+
+
+@command("check")
+def cmd_check(args: argparse.Namespace) -> int:
+    from h1tune.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from h1tune.check import run_check
+
+    run_check(cfg)
+    print("check passed")
+    return 0
 
 
 @command("init-model")

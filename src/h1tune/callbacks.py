@@ -1,0 +1,102 @@
+"""Trainer callbacks a user watches: a progress bar (loss, tokens/s, ETA), JSON-lines metrics,
+and the loss-curve PNG written at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_CURVE_FILE = "loss_curve.png"
+
+
+class ProgressBar(TrainerCallback):
+    """One tqdm bar over optimiser steps, with the last loss and non-padding tokens per second."""
+
+    def __init__(self):
+        self.bar = None
+        self.started = 0.0
+        self.tokens_at_start = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                        dynamic_ncols=True)
+        self.started = time.perf_counter()
+        self.tokens_at_start = state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is None:
+            return
+        self.bar.update(state.global_step - self.bar.n)
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        tokens = state.num_input_tokens_seen - self.tokens_at_start
+        loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
+        postfix = {"tok/s": f"{tokens / elapsed:,.0f}"}
+        if loss is not None:
+            postfix = {"loss": f"{loss:.4f}", **postfix}
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.bar is not None and metrics:
+            self.bar.write(f"step {state.global_step}: eval_loss {metrics.get('eval_loss', float('nan')):.4f} "
+                           f"perplexity {metrics.get('eval_perplexity', float('nan')):.2f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class MetricsLog(TrainerCallback):
+    """Every logged metric as one JSON line, so runs can be compared and plotted without TensorBoard."""
+
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / METRICS_FILE
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        record = {"step": state.global_step, "time": time.time(), **logs}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(output_dir: str | Path) -> Path | None:
+    """Train and eval loss against step, from metrics.jsonl; None when nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(output_dir)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = Path(output_dir) / LOSS_CURVE_FILE
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

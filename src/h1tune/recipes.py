@@ -1,0 +1,74 @@
+"""Optimiser and schedule presets, named after their source; every field can be overridden.
+
+- `tii_sft`: Falcon-H1's own SFT recipe (docs/post_training_details.md): AdamW β=(0.9, 0.95), no
+  weight decay, warmup-stable-decay with an exponential decay to η/8 over the last half, and peak
+  η = 128e-6 * sqrt(batch_tokens / 1M) ("Adam batch scaling"; μP needs no per-layer rates).
+- `lora`: a conventional LoRA recipe: 2e-4, cosine, 3% warmup, no weight decay.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from h1tune.config import H1tuneConfig
+
+TII_PEAK_LR = 128e-6
+TII_REF_BATCH_TOKENS = 1_000_000
+TII_DECAY_FLOOR = 1 / 8  # exponential decay to η/8
+WSD_EXP = "wsd_exponential"  # our scheduler name; HF's warmup_stable_decay has no exponential decay
+
+
+@dataclass(frozen=True)
+class Recipe:
+    learning_rate: float | None  # None: computed from the batch size (tii_sft)
+    lr_scheduler_type: str
+    warmup_ratio: float
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+
+
+RECIPES = {
+    "tii_sft": Recipe(None, WSD_EXP, 0.02, 0.0, 0.9, 0.95),
+    "lora": Recipe(2e-4, "cosine", 0.03, 0.0, 0.9, 0.999),
+}
+
+
+def tii_learning_rate(batch_tokens: int) -> float:
+    """TII's batch-size rule: η(b) = 128e-6 * sqrt(b / 1M tokens)."""
+    return TII_PEAK_LR * math.sqrt(batch_tokens / TII_REF_BATCH_TOKENS)
+
+
+def resolve_optimisation(cfg: H1tuneConfig, batch_tokens: int) -> dict[str, float | str]:
+    """The recipe's values with every explicitly set training field taking precedence."""
+    name = cfg.training.recipe or ("tii_sft" if cfg.adapter.method == "full" else "lora")
+    recipe = RECIPES[name]
+    t = cfg.training
+    lr = t.learning_rate or recipe.learning_rate or tii_learning_rate(batch_tokens)
+    return {
+        "recipe": name,
+        "learning_rate": lr,
+        "lr_scheduler_type": t.lr_scheduler_type or recipe.lr_scheduler_type,
+        "warmup_ratio": recipe.warmup_ratio if t.warmup_ratio is None else t.warmup_ratio,
+        "weight_decay": recipe.weight_decay if t.weight_decay is None else t.weight_decay,
+        "adam_beta1": recipe.adam_beta1 if t.adam_beta1 is None else t.adam_beta1,
+        "adam_beta2": recipe.adam_beta2 if t.adam_beta2 is None else t.adam_beta2,
+    }
+
+
+def wsd_exponential_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: linear warmup, stable until half-way, then exponential decay to 1/8 at the end."""
+    if step < warmup_steps:
+        return (step + 1) / max(1, warmup_steps)
+    decay_start = max(warmup_steps, total_steps // 2)
+    if step < decay_start:
+        return 1.0
+    progress = (step - decay_start) / max(1, total_steps - decay_start)
+    return TII_DECAY_FLOOR ** min(1.0, progress)
+
+
+def build_wsd_exponential(optimizer, warmup_steps: int, total_steps: int):
+    from torch.optim.lr_scheduler import LambdaLR
+
+    return LambdaLR(optimizer, lambda step: wsd_exponential_factor(step, warmup_steps, total_steps))
