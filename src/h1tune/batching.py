@@ -1,0 +1,55 @@
+"""From tokenised examples to what the Trainer iterates: padded batches, or exactly packed rows.
+
+Packed rows carry position ids that restart per document and a `seq_idx` that h1tune's Mamba
+path (h1tune.ssm) uses to restart the conv and the scan at every boundary; no attention mask, so
+transformers builds a block-diagonal causal mask from the position ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import torch
+
+from h1tune.config import DataConfig, TrainingConfig
+from h1tune.data import pad_collate
+
+
+@dataclass
+class Batches:
+    """Train and eval items for the Trainer, the collator that batches them, and how full they are."""
+
+    train: list[Any]
+    eval: list[Any] | None
+    collator: Callable[[list[Any]], dict[str, torch.Tensor]]
+    row_tokens: float  # mean tokens per train item (a packed row or one example)
+    packed: bool
+
+    def probe_batch(self, rows: int = 2) -> dict[str, torch.Tensor]:
+        """A small real batch for the adapter probe, built like the training batches."""
+        return self.collator(self.train[:rows])
+
+    def tokens_per_step(self, training: TrainingConfig) -> int:
+        """Tokens in one optimiser step (TII's learning-rate rule scales with it)."""
+        per_step = training.per_device_train_batch_size * training.gradient_accumulation_steps
+        return max(1, round(per_step * self.row_tokens))
+
+
+def make_batches(data_cfg: DataConfig, tokenizer, train: list[dict], eval_: list[dict] | None) -> Batches:
+    """Padded batches, or packed rows of `data.max_length` when `data.packing` is on."""
+    pad_id = tokenizer.pad_token_id
+    eval_items = eval_ or None
+    if not data_cfg.packing:
+        mean = sum(len(e["input_ids"]) for e in train) / max(1, len(train))
+        return Batches(train, eval_items, partial(pad_collate, pad_token_id=pad_id), mean, packed=False)
+
+    from h1tune import ssm
+    from h1tune.data.packing import collate_packed, pack_examples
+
+    ssm.install()
+    rows = pack_examples(train, data_cfg.max_length)
+    eval_rows = pack_examples(eval_items, data_cfg.max_length) if eval_items else None
+    mean = sum(sum(len(doc["input_ids"]) for doc in row) for row in rows) / max(1, len(rows))
+    return Batches(rows, eval_rows, lambda items: collate_packed(items, pad_id), mean, packed=True)
