@@ -158,7 +158,6 @@ def training_arguments(cfg: H1tuneConfig, batch_tokens: int, has_eval: bool) -> 
         fp16=dtype == "float16" and on_cuda,
         use_cpu=not on_cuda,
         report_to=_report_to(t.report_to),
-        logging_dir=str(Path(cfg.output_dir) / "tensorboard"),
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
@@ -171,7 +170,8 @@ def training_arguments(cfg: H1tuneConfig, batch_tokens: int, has_eval: bool) -> 
 def run_training(cfg: H1tuneConfig, overwrite: bool = False, resume: bool = False,
                  callbacks: list | None = None) -> TrainResult:
     """Validate data, load the model, apply the adapter, probe it, train, and save the result."""
-    from h1tune.adapters import apply_adapter, probe_adapters
+    from h1tune.adapters import apply_adapter
+    from h1tune.probe import probe_adapters
     from h1tune.batching import make_batches
     from h1tune.data import prepare_datasets
     from h1tune.model import load_model, load_tokenizer
