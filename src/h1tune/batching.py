@@ -7,6 +7,7 @@ transformers builds a block-diagonal causal mask from the position ids.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
@@ -15,6 +16,8 @@ import torch
 
 from h1tune.config import DataConfig, TrainingConfig
 from h1tune.data import pad_collate
+
+log = logging.getLogger("h1tune")
 
 
 @dataclass
@@ -49,7 +52,9 @@ def make_batches(data_cfg: DataConfig, tokenizer, train: list[dict], eval_: list
     from h1tune.data.packing import collate_packed, pack_examples
 
     ssm.install()
-    rows = pack_examples(train, data_cfg.max_length)
-    eval_rows = pack_examples(eval_items, data_cfg.max_length) if eval_items else None
-    mean = sum(sum(len(doc["input_ids"]) for doc in row) for row in rows) / max(1, len(rows))
-    return Batches(rows, eval_rows, lambda items: collate_packed(items, pad_id), mean, packed=True)
+    rows, plan = pack_examples(train, data_cfg.max_length)
+    eval_rows = pack_examples(eval_items, data_cfg.max_length)[0] if eval_items else None
+    log.info("packing: %d examples into %d rows of %d tokens, %.1f%% full", len(train), len(rows),
+             data_cfg.max_length, 100 * plan.fill_ratio)
+    mean = plan.num_tokens / max(1, len(rows))
+    return Batches(rows, eval_rows, partial(collate_packed, pad_token_id=pad_id), mean, packed=True)

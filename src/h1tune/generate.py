@@ -1,18 +1,29 @@
-"""Generate from a Falcon-H1 model directory (or base + adapter) with its chat template, streaming.
+"""Generate from a Falcon-H1 model (merged, or base + adapter, 4-bit base too) with its chat template.
 
-    h1tune generate runs/tiny --prompt "What is Falcon-H1?"
+    h1tune generate runs/merged --prompt "What is Falcon-H1?"
+    h1tune generate tiny --adapter runs/sft/adapter --quantization 4bit --prompt "Hi"
+    h1tune chat runs/merged --system "Be brief."          # /reset, /exit, /help
+
+Replies stream as they are generated and stop at the end-of-turn token (<|im_end|>).
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
 
 from h1tune.config import ModelConfig
+from h1tune.errors import H1tuneError
+
+CHAT_HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D), /help"
 
 
 @dataclass
 class SamplingConfig:
-    """Greedy when temperature == 0; otherwise nucleus sampling."""
+    """Greedy when temperature == 0; otherwise temperature / top-p / top-k sampling."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -21,13 +32,69 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_new_tokens <= 0:
+            problems.append(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if problems:
+            raise H1tuneError("sampling: " + "; ".join(problems))
 
-def load_for_generation(model_cfg: ModelConfig, adapter: str | None = None):
-    """The model (with its adapter attached when given), in eval mode, and its tokenizer."""
+
+def keep_4bit_unpacked_on_cpu(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights on the first CPU forward.
+
+    On CPUs with AVX512-BF16, bnb 0.50 repacks each Linear4bit in eval mode and asserts
+    out_features % 32 == 0, which Falcon-H1's mamba.in_proj fails (2*d_ssm + 2*groups*d_state +
+    n_heads, e.g. 648 in the tiny preset); the repacked layout would also break dequantize_4bit.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _adapter_base(adapter: str) -> str:
+    import json
+
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    if not config.get("base_model_name_or_path"):
+        raise H1tuneError(f"{adapter}/adapter_config.json names no base model; pass the base model and "
+                          "--adapter separately")
+    return config["base_model_name_or_path"]
+
+
+def load_for_generation(model_cfg: ModelConfig, adapter: str | None = None, quantization: str | None = None):
+    """The model (with its adapter attached when given), in eval mode, and its tokenizer.
+
+    `model_cfg.name_or_path` may itself be an adapter directory: its base is then read from
+    adapter_config.json. `quantization="4bit"` (or model_cfg.quantization) loads the base exactly
+    as QLoRA training did (NF4, double quant, out_proj and lm_head whole), which is the model a
+    QLoRA adapter was trained against.
+    """
     from h1tune.model import load_model, load_tokenizer
 
+    if adapter is None and (Path(model_cfg.name_or_path) / "adapter_config.json").is_file():
+        adapter = model_cfg.name_or_path
+        model_cfg = model_cfg.model_copy(update={"name_or_path": _adapter_base(adapter)})
+    if quantization is not None:
+        model_cfg = model_cfg.model_copy(update={"quantization": quantization})
+    if adapter is not None:
+        from h1tune.merge import bypassed_in_adapter, read_adapter_config, refuse_bypassed
+
+        read_adapter_config(Path(adapter))
+        refuse_bypassed(Path(adapter), bypassed_in_adapter(Path(adapter)))
     tokenizer = load_tokenizer(model_cfg)
+    if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(model_cfg.model_copy(update={"name_or_path": adapter}))
     model = load_model(model_cfg)
+    keep_4bit_unpacked_on_cpu(model)
     if adapter is not None:
         from peft import PeftModel
 
@@ -36,33 +103,90 @@ def load_for_generation(model_cfg: ModelConfig, adapter: str | None = None):
     return model, tokenizer
 
 
-def generate_reply(model, tokenizer, messages: list[dict], sampling: SamplingConfig, stream: bool = True,
-                   tools: list[dict] | None = None) -> str:
-    """Render `messages` with the chat template, generate until the end-of-turn token, return the reply."""
-    import torch
+def _streamer(tokenizer, output: TextIO):
     from transformers import TextStreamer
 
-    input_ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                              return_tensors="pt", return_dict=True)["input_ids"]
-    input_ids = input_ids.to(model.device)
+    class _Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            output.write(text + ("\n" if stream_end else ""))
+            output.flush()
+
+    return _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def generate_reply(model, tokenizer, messages: list[dict], sampling: SamplingConfig, stream: bool = True,
+                   tools: list[dict] | None = None, output: TextIO | None = None) -> str:
+    """Render `messages` with the chat template, generate until the end-of-turn token, return the reply.
+
+    With `stream`, text is written to `output` (default stdout) as it is decoded.
+    """
+    import torch
+
+    encoded = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+    input_ids = encoded["input_ids"].to(model.device)
     torch.manual_seed(sampling.seed)
     sample = sampling.temperature > 0
+    stops = stop_ids(tokenizer)
     kwargs = dict(
         max_new_tokens=sampling.max_new_tokens,
         do_sample=sample,
-        eos_token_id=_stop_ids(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stops,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0],
         repetition_penalty=sampling.repetition_penalty,
     )
     if sample:
         kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    streamer = _streamer(tokenizer, output or sys.stdout) if stream else None
     with torch.no_grad():
-        output = model.generate(input_ids=input_ids, streamer=streamer, **kwargs)
-    return tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+        generated = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                   streamer=streamer, **kwargs)
+    return tokenizer.decode(generated[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
-def _stop_ids(tokenizer) -> list[int]:
+def chat_loop(model, tokenizer, sampling: SamplingConfig, input_fn: Callable[[str], str] = input,
+              output: TextIO = sys.stdout, system: str | None = None, tools: list[dict] | None = None) -> list[dict]:
+    """Multi-turn chat in the terminal; returns the conversation as it stands when the user leaves.
+
+    Each turn sends the whole conversation through the chat template. `/reset` forgets it (the
+    system prompt stays), `/exit` or end of input (Ctrl-D) leaves. `input_fn` is replaceable, so
+    tests drive the loop with a script.
+    """
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    output.write(CHAT_HELP + "\n")
+    turn = 0
+    while True:
+        try:
+            line = input_fn("> ")
+        except (EOFError, KeyboardInterrupt):
+            output.write("\n")
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            messages = list(start)
+            output.write("(conversation reset)\n")
+            continue
+        if text == "/help":
+            output.write(CHAT_HELP + "\n")
+            continue
+        if text.startswith("/"):
+            output.write(f"unknown command {text.split()[0]!r}; {CHAT_HELP}\n")
+            continue
+        messages.append({"role": "user", "content": line})
+        output.write("assistant: ")
+        turn_sampling = SamplingConfig(**{**sampling.__dict__, "seed": sampling.seed + turn})
+        reply = generate_reply(model, tokenizer, messages, turn_sampling, stream=True, tools=tools, output=output)
+        messages.append({"role": "assistant", "content": reply})
+        turn += 1
+    return messages
+
+
+def stop_ids(tokenizer) -> list[int]:
     """Stop at the end of the assistant turn (<|im_end|>) and at the end-of-text token."""
     ids = {tokenizer.eos_token_id}
     for token in ("<|im_end|>", "<|end_of_text|>"):
@@ -70,3 +194,6 @@ def _stop_ids(tokenizer) -> list[int]:
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
             ids.add(token_id)
     return sorted(i for i in ids if i is not None)
+
+
+_stop_ids = stop_ids  # the name cli.py and older callers used

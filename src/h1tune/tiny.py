@@ -127,7 +127,13 @@ def build_model(preset: str = "tiny", seed: int = 0, device: str | None = None, 
     if device == "meta":
         with torch.device("meta"):
             return FalconH1ForCausalLM(config)
-    return FalconH1ForCausalLM(config).float().eval()
+    model = FalconH1ForCausalLM(config).float().eval()
+    # Trained Falcon-H1 weights have large norms that offset the small μP multipliers. With the
+    # 0.02 init, lm_head_multiplier (0.039) caps every logit near 0.2 and nothing can be learned
+    # through LoRA; give lm_head trained-like scale: unit-variance logits from a unit-RMS state.
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 1.0 / (config.lm_head_multiplier * config.hidden_size**0.5))
+    return model
 
 
 def corpus_lines() -> list[str]:

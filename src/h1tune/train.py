@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from h1tune import recipes, run_dir
@@ -185,6 +185,7 @@ def run_training(cfg: H1tuneConfig, overwrite: bool = False, resume: bool = Fals
     batches = make_batches(cfg.data, tokenizer, data.train, data.eval)
     model = load_model(cfg.model)
     model.config.use_cache = False
+    set_seed(cfg.training.seed)  # LoRA's initial A matrices come from the RNG: same seed, same run
     model = apply_adapter(model, cfg)
     if cfg.adapter.probe and cfg.adapter.method == "lora":
         report = probe_adapters(model, batches.probe_batch())

@@ -1,0 +1,121 @@
+"""SFT end to end on the tiny model: loss falls, only LoRA changes, the adapter loads with plain
+peft, resume equals an uninterrupted run, output-dir refusal, NaN stop."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from h1tune.config import load_config
+from h1tune.errors import H1tuneError
+from h1tune.run_dir import complete_checkpoints
+from h1tune.train import run_training
+
+
+@pytest.fixture(scope="module")
+def memorise_file(tmp_path_factory):
+    """Three short conversations, repeated: a set a tiny model can memorise in a few steps."""
+    rows = [
+        {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]},
+        {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]},
+        {"messages": [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "One, two, three."}]},
+    ]
+    path = tmp_path_factory.mktemp("data") / "memorise.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    return path
+
+
+def config(tmp_path, data_file, tiny_dir, *overrides):
+    return load_config(None, [
+        f"model.name_or_path={tiny_dir}", f"data.train={data_file}", "data.max_length=64",
+        "adapter.lora_dropout=0.0", "training.learning_rate=1e-2", "training.per_device_train_batch_size=4",
+        "training.max_steps=8", "training.logging_steps=1", "training.save_steps=4", "training.report_to=[none]",
+        f"output_dir={tmp_path / 'run'}", *overrides])
+
+
+def test_lora_sft_learns_changes_only_lora_and_loads_with_plain_peft(tmp_path, memorise_file, tiny_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = config(tmp_path, memorise_file, tiny_dir, "training.max_steps=12", "adapter.probe=true")
+    result = run_training(cfg)
+    losses = [r["loss"] for r in map(json.loads, (result.output_dir / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert (result.output_dir / "loss_curve.png").stat().st_size > 1000
+    assert (result.final_dir / "h1tune_config.yaml").is_file() and (result.final_dir / "tokenizer.json").is_file()
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    adapter = load_file(result.final_dir / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)
+    assert not any("conv1d" in k or "out_proj" in k for k in adapter)
+    assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k), "every lora_B trained"
+
+    ids = torch.tensor([[1, 3, 50, 60, 70, 4, 3, 80, 90]])
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), result.final_dir).eval()
+        tuned_logits = tuned(ids).logits
+        reloaded = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    assert (tuned_logits - base_logits).abs().max() > 1e-3, "the adapter changes the logits"
+    for (name, p), (_, q) in zip(base.named_parameters(), reloaded.named_parameters()):
+        assert torch.equal(p, q), f"base weight {name} changed on disk"
+    for name, p in tuned.named_parameters():
+        if "lora_" not in name:
+            original = dict(base.named_parameters())[name.replace("base_model.model.", "").replace(".base_layer", "")]
+            assert torch.equal(p, original), f"base parameter {name} changed"
+
+
+class StopAfter(TrainerCallback):
+    """Simulates an interruption right after a checkpoint."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, memorise_file, tiny_dir):
+    straight = config(tmp_path / "a", memorise_file, tiny_dir, "adapter.lora_dropout=0.1")
+    run_training(straight)
+
+    interrupted = config(tmp_path / "b", memorise_file, tiny_dir, "adapter.lora_dropout=0.1")
+    with pytest.raises(KeyboardInterrupt):
+        run_training(interrupted, callbacks=[StopAfter(4)])
+    assert [p.name for p in complete_checkpoints(tmp_path / "b" / "run")] == ["checkpoint-4"]
+    resumed = run_training(interrupted)  # same config: resumes automatically
+    assert resumed.steps == 8
+
+    a = load_file(tmp_path / "a" / "run" / "final" / "adapter_model.safetensors")
+    b = load_file(resumed.final_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, worst
+
+
+def test_refuses_an_output_dir_that_holds_another_run(tmp_path, memorise_file, tiny_dir):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "precious.bin").write_bytes(b"x")
+    with pytest.raises(H1tuneError, match="--overwrite"):
+        run_training(config(tmp_path, memorise_file, tiny_dir))
+    assert (tmp_path / "run" / "precious.bin").read_bytes() == b"x"
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, memorise_file, tiny_dir, monkeypatch):
+    from h1tune import train
+
+    real_step = train.Trainer.training_step
+
+    def poisoned(self, model, inputs, num_items_in_batch=None):
+        loss = real_step(self, model, inputs, num_items_in_batch)
+        return loss * float("nan") if self.state.global_step >= 5 else loss
+
+    monkeypatch.setattr(train.Trainer, "training_step", poisoned)
+    with pytest.raises(H1tuneError, match="loss became nan at step 6"):
+        run_training(config(tmp_path, memorise_file, tiny_dir))
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["checkpoint-4"]
+    assert not (tmp_path / "run" / "final").exists()
