@@ -34,6 +34,9 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", choices=["none", "4bit", "8bit"],
+                   help="load the base quantized, as QLoRA trained it (out_proj and lm_head whole)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -77,11 +80,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
 
     p = sub.add_parser("generate", help="generate a reply with the chat template, streaming",
-                       description="Generate a reply from a model directory, hub id or preset (optionally with a "
-                       "LoRA adapter), using the model's chat template; stops at the end-of-turn token.")
-    p.add_argument("model", help="model directory, hub id, or preset name")
+                       description="Generate a reply from a model directory, hub id, preset, or a trained "
+                       "adapter directory (its base is read from adapter_config.json), using the model's chat "
+                       "template; stops at the end-of-turn token.")
+    p.add_argument("model", help="model directory, hub id, preset name, or adapter directory")
     p.add_argument("--prompt", required=True, help="the user message")
     _add_sampling(p)
+
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal (/reset, /exit)",
+                       description="Chat with a model, a merged model, or base + adapter, in the terminal. "
+                       "Each turn sends the whole conversation through the chat template. Commands: /reset "
+                       "forgets the conversation, /exit (or Ctrl-D) leaves, /help.")
+    p.add_argument("model", help="model directory, hub id, preset name, or adapter directory")
+    _add_sampling(p)
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter into a stock Falcon-H1 checkpoint, verified",
+                       description="Merge a LoRA adapter into its base and write a stock Falcon-H1 checkpoint "
+                       "(safetensors, μP multipliers untouched, tokenizer, chat template). The written model "
+                       "is reloaded and its logits compared with base + adapter; the merge fails above "
+                       "tolerance. QLoRA adapters merge into the dequantized 4-bit weights they were trained "
+                       "against, unless --merge-into original.")
+    p.add_argument("adapter", help="adapter directory (e.g. OUTPUT_DIR/final)")
+    p.add_argument("out_dir", help="directory to write (never the base's or the adapter's)")
+    p.add_argument("--base", help="base model (default: base_model_name_or_path in adapter_config.json)")
+    p.add_argument("--dtype", default="base", choices=["base", "float32", "bfloat16", "float16"],
+                   help="dtype of the merged weights (default: the base's)")
+    p.add_argument("--drop-bypassed", action="store_true",
+                   help="drop conv1d/mamba.out_proj LoRA weights (they never train under the fused kernel) "
+                   "instead of refusing the adapter")
+    p.add_argument("--merge-into", default="dequantized", choices=["dequantized", "original"],
+                   help="QLoRA: merge into the dequantized 4-bit weights (default) or the original 16-bit ones")
+    p.add_argument("--quantized-base", choices=["none", "4bit", "8bit"],
+                   help="how the base was quantized in training (default: read from the run's config.yaml)")
+    p.add_argument("--eval-prompts", help="held-out data (.jsonl/.json) to verify on, besides the built-in prompts")
+    p.add_argument("--tolerance", type=float, help="max |Δlogit| / max |logit| (default: 1e-4 fp32, 5e-2 bf16)")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     return parser
 
 
@@ -122,17 +156,47 @@ def cmd_init_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_for_chat(args: argparse.Namespace):
+    from h1tune.config import ModelConfig
+    from h1tune.generate import SamplingConfig, load_for_generation
+
+    model, tokenizer = load_for_generation(ModelConfig(name_or_path=args.model, dtype=args.dtype), args.adapter,
+                                           quantization=args.quantization)
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                              args.repetition_penalty, seed=args.seed)
+    return model, tokenizer, sampling
+
+
 @command("generate")
 def cmd_generate(args: argparse.Namespace) -> int:
-    from h1tune.config import ModelConfig
-    from h1tune.generate import SamplingConfig, generate_reply, load_for_generation
+    from h1tune.generate import generate_reply
 
-    model, tokenizer = load_for_generation(ModelConfig(name_or_path=args.model, dtype=args.dtype), args.adapter)
+    model, tokenizer, sampling = _load_for_chat(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}]
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, seed=args.seed)
     generate_reply(model, tokenizer, messages, sampling, stream=True)
     print()
+    return 0
+
+
+@command("chat")
+def cmd_chat(args: argparse.Namespace) -> int:
+    from h1tune.generate import chat_loop
+
+    model, tokenizer, sampling = _load_for_chat(args)
+    chat_loop(model, tokenizer, sampling, system=args.system)
+    return 0
+
+
+@command("merge")
+def cmd_merge(args: argparse.Namespace) -> int:
+    from h1tune.merge import merge_adapter
+
+    report = merge_adapter(args.base, args.adapter, args.out_dir, dtype=args.dtype, drop_bypassed=args.drop_bypassed,
+                           merge_into=args.merge_into, quantized_base=args.quantized_base,
+                           overwrite=args.overwrite, eval_prompts=args.eval_prompts, tolerance=args.tolerance,
+                           max_shard_size=args.max_shard_size)
+    print(report.format())
     return 0
 
 

@@ -174,7 +174,8 @@ def _cross_checks(cfg: H1tuneConfig) -> list[str]:
         if group not in FREEZE_GROUPS:
             problems.append(f"adapter.freeze: unknown group {group!r}; choose from {sorted(FREEZE_GROUPS)}")
     if cfg.adapter.method == "lora":
-        problems += [f"adapter.target_modules: {p}" for p in target_spelling_problems(cfg.adapter.target_modules)]
+        problems += [f"adapter.target_modules: {p}" for p in
+                     target_spelling_problems(cfg.adapter.target_modules, cfg.adapter.exclude_modules)]
     return problems
 
 

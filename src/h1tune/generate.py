@@ -195,5 +195,3 @@ def stop_ids(tokenizer) -> list[int]:
             ids.add(token_id)
     return sorted(i for i in ids if i is not None)
 
-
-_stop_ids = stop_ids  # the name cli.py and older callers used

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from h1tune.config import ModelConfig
-from h1tune.errors import H1tuneError
+from h1tune.errors import ConfigError, H1tuneError
 from h1tune.tiny import PRESETS, cached_preset
 
 if TYPE_CHECKING:
@@ -57,7 +57,22 @@ def mamba_path() -> str:
 
 
 def skip_modules(user_modules: list[str]) -> list[str]:
-    """The bitsandbytes skip list: out_proj and lm_head always, user additions merged in."""
+    """The bitsandbytes skip list: out_proj and lm_head always, user additions merged in.
+
+    The user list can only add: there is no spelling that removes out_proj or lm_head, so a config
+    cannot quantize them. transformers matches each entry as a regex prefix or a suffix, so a
+    malformed regex is refused here rather than deep inside from_pretrained.
+    """
+    import re
+
+    problems = []
+    for entry in user_modules:
+        try:
+            re.compile(entry)
+        except re.error as exc:
+            problems.append(f"model.llm_int8_skip_modules: {entry!r} is not a valid module name or regex ({exc})")
+    if problems:
+        raise ConfigError(problems)
     return list(dict.fromkeys([*ALWAYS_UNQUANTIZED, *user_modules]))
 
 
@@ -112,6 +127,10 @@ def load_model(cfg: ModelConfig, device_map: str | None = None, announce: bool =
     if Path(path).is_dir() and cfg.use_safetensors and not any(Path(path).glob("*.safetensors")):
         raise H1tuneError(f"model.name_or_path: {path!r} has no .safetensors weights; pickled weights can run "
                           "code when loaded. Convert them, or set model.use_safetensors: false if you trust them")
+    from h1tune.adapters import checkpoint_quantization_problems
+
+    if checkpoint_quantization_problems(hf_config):
+        raise ConfigError(checkpoint_quantization_problems(hf_config))
     bnb = quantization_config(cfg, dtype)
     if bnb is not None and device_map is None:
         device_map = "cuda:0" if torch.cuda.is_available() else "cpu"

@@ -220,7 +220,7 @@ def _save_final(cfg: H1tuneConfig, trainer: Trainer, tokenizer) -> Path:
     shutil.rmtree(staged.parent, ignore_errors=True)
     trainer.model.save_pretrained(staged, safe_serialization=True)
     tokenizer.save_pretrained(staged)
-    save_config(cfg, staged / "h1tune_config.yaml")
+    save_config(cfg, staged / "config.yaml")  # merge reads it to detect a QLoRA adapter
     run_dir.publish_checkpoint(staged, final)
     shutil.rmtree(staged.parent, ignore_errors=True)
     return final

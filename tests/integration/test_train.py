@@ -45,7 +45,7 @@ def test_lora_sft_learns_changes_only_lora_and_loads_with_plain_peft(tmp_path, m
               if "loss" in r]
     assert losses[-1] < losses[0] - 0.5, losses
     assert (result.output_dir / "loss_curve.png").stat().st_size > 1000
-    assert (result.final_dir / "h1tune_config.yaml").is_file() and (result.final_dir / "tokenizer.json").is_file()
+    assert (result.final_dir / "config.yaml").is_file() and (result.final_dir / "tokenizer.json").is_file()
 
     base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     adapter = load_file(result.final_dir / "adapter_model.safetensors")

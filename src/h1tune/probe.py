@@ -1,0 +1,298 @@
+"""The adapter probe: prove on a real batch that every adapter can move the loss before training.
+
+    report = probe_adapters(model, {"input_ids": ids, "attention_mask": mask})   # raises ProbeError if inert
+    print(report.format_table())
+
+A LoRA that a fused kernel bypasses (Falcon-H1's mamba.out_proj: the kernel reads the raw weight)
+trains nothing and raises no error. The probe runs exactly the path training runs (`model.train()`,
+`use_cache=False`, whatever kernels are installed) and checks, per adapter module: its forward ran,
+a gradient reached its parameters, and perturbing its lora_B changes the loss. It leaves the model
+bit-identical and the global RNG state as it found it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from h1tune.adapters import target_group
+from h1tune.errors import H1tuneError
+
+# Batch keys collators add for the loss mask; the model's forward does not take them.
+_NON_MODEL_KEYS = {"completion_mask", "assistant_masks", "prompt_mask", "num_items_in_batch"}
+# Above this many modules, the loss change is measured per group (one forward each), not per module.
+MAX_MODULE_FORWARDS = 64
+
+
+@dataclass
+class ProbeRow:
+    """One adapter module (LoRA) or one module owning trainable parameters (full fine-tuning)."""
+
+    name: str
+    group: str
+    executed: bool | None  # None: not a criterion (full fine-tuning: kernels may read weights raw, legitimately)
+    grad_reached: bool
+    grad_norm: float
+    delta_loss: float
+    scope: str  # "module": delta_loss from perturbing this module alone; "group": its whole group at once
+    threshold: float
+
+    @property
+    def inert(self) -> bool:
+        return not (self.executed is not False and self.grad_reached and self.delta_loss > self.threshold)
+
+    @property
+    def why(self) -> str:
+        if self.executed is False:
+            return "forward never ran (bypassed by a kernel)"
+        if not self.grad_reached:
+            return "no gradient"
+        if not self.delta_loss > self.threshold:
+            return "loss unchanged when perturbed"
+        return ""
+
+
+@dataclass
+class ProbeReport:
+    """The probe's findings; `ok` when no adapter is inert."""
+
+    rows: list[ProbeRow]
+    loss: float
+    kind: str  # "lora" or "full"
+    seconds: float
+    tokens: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def inert(self) -> list[str]:
+        return [r.name for r in self.rows if r.inert]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.rows) and not self.inert
+
+    def format_table(self) -> str:
+        width = max([len("module")] + [len(r.name) for r in self.rows])
+        lines = [f"{'module':<{width}}  {'group':<9} {'fwd':>3} {'grad':>4} {'grad norm':>10} {'|dloss|':>10} "
+                 f"{'scope':<6} verdict"]
+        for r in self.rows:
+            fwd = "-" if r.executed is None else ("yes" if r.executed else "no")
+            verdict = f"INERT: {r.why}" if r.inert else "ok"
+            lines.append(f"{r.name:<{width}}  {r.group:<9} {fwd:>3} {'yes' if r.grad_reached else 'no':>4} "
+                         f"{r.grad_norm:>10.3e} {r.delta_loss:>10.3e} {r.scope:<6} {verdict}")
+        lines.append(f"loss {self.loss:.4f} on {self.tokens} tokens; {len(self.rows)} modules, "
+                     f"{len(self.inert)} inert; {self.seconds:.1f}s")
+        return "\n".join(lines + self.notes)
+
+    def format_group_lines(self) -> list[str]:
+        """One line per group: live count, gradient norms, smallest loss change, inert names."""
+        groups: dict[str, list[ProbeRow]] = {}
+        for r in self.rows:
+            groups.setdefault(r.group, []).append(r)
+        lines = []
+        for group, rows in groups.items():
+            live = [r for r in rows if not r.inert]
+            norms = [r.grad_norm for r in rows]
+            line = (f"{group}: {len(live)}/{len(rows)} live, grad norm median {statistics.median(norms):.2e}, "
+                    f"min |dloss| {min(r.delta_loss for r in rows):.2e} ({rows[0].scope})")
+            dead = [r.name for r in rows if r.inert]
+            if dead:
+                line += f"; INERT: {', '.join(dead[:4])}{' ...' if len(dead) > 4 else ''}"
+            lines.append(line)
+        return lines
+
+    def raise_if_inert(self) -> "ProbeReport":
+        if not self.rows:
+            raise ProbeError(self, "adapter probe: the model has no trainable adapter or parameter; "
+                                   "apply_adapter(model, cfg) first")
+        if self.inert:
+            dead = [r for r in self.rows if r.inert]
+            shown = "; ".join(f"{r.name} ({r.why})" for r in dead[:6]) + (" ..." if len(dead) > 6 else "")
+            raise ProbeError(self, (
+                f"adapter probe: {len(dead)} of {len(self.rows)} adapters are inert on the training path "
+                f"(model.train(), use_cache=False, the installed kernels), so they would never train: {shown}. "
+                "A LoRA on mamba.out_proj or mamba.conv1d is bypassed by the fused Mamba kernel, which reads "
+                "the weight raw: remove it from adapter.target_modules (default targets: attention, mamba "
+                "in_proj, mlp). Otherwise check for frozen or merged adapters and zero multipliers."))
+        return self
+
+
+class ProbeError(H1tuneError):
+    """Some adapter cannot move the loss; `.report` holds the whole table."""
+
+    def __init__(self, report: ProbeReport, message: str):
+        self.report = report
+        super().__init__(message)
+
+
+def _lora_units(model: Any) -> dict[str, list[tuple[Any, Any]]]:
+    """LoRA layers -> [(lora_B param, lora_A param)] for each active adapter."""
+    units = {}
+    for name, module in model.named_modules():
+        if not (hasattr(module, "lora_A") and hasattr(module, "lora_B") and hasattr(module, "active_adapters")):
+            continue
+        pairs = [(module.lora_B[a].weight, module.lora_A[a].weight) for a in module.active_adapters
+                 if a in module.lora_B]
+        if pairs:
+            units[name.removeprefix("base_model.model.")] = [module, pairs]
+    return units
+
+
+def _full_units(model: Any) -> dict[str, list[Any]]:
+    """Modules that own trainable parameters directly (full fine-tuning)."""
+    units = {}
+    for name, module in model.named_modules():
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if params:
+            units[name] = [module, params]
+    return units
+
+
+def _model_inputs(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    device = next(model.parameters()).device
+    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+              if k not in _NON_MODEL_KEYS}
+    if "input_ids" not in inputs:
+        raise H1tuneError("adapter probe: the batch needs input_ids")
+    labels = inputs.pop("labels", None)
+    if labels is None:
+        labels = inputs["input_ids"].clone()
+        if "attention_mask" in inputs:
+            labels[inputs["attention_mask"] == 0] = -100
+    inputs["use_cache"] = False
+    return inputs, labels
+
+
+def _loss64(logits: Any, labels: Any) -> Any:
+    """Causal-LM cross entropy in float64: μP's small lm_head multiplier makes fp32 loss changes sub-ulp."""
+    import torch.nn.functional as F
+
+    shift_logits = logits[:, :-1].double().flatten(0, 1)
+    shift_labels = labels[:, 1:].to(logits.device).flatten()
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+
+
+def _group_of(name: str, kind: str) -> str:
+    group = target_group(name)
+    if group != "other" or kind == "lora":
+        return group
+    for part in ("embed_tokens", "lm_head", "layernorm", "conv1d", "out_proj"):
+        if part in name:
+            return {"layernorm": "norms", "conv1d": "mamba", "out_proj": "mamba"}.get(part, part)
+    return "mamba" if ".mamba" in name else "other"
+
+
+def probe_adapters(model: Any, batch: dict[str, Any], *, strict: bool = True, scale: float = 0.25,
+                   seed: int = 1234, max_module_forwards: int = MAX_MODULE_FORWARDS) -> ProbeReport:
+    """Run one forward/backward on `batch` in training mode and report, per adapter, whether it is live.
+
+    Args:
+        model: a PeftModel (LoRA) or a model prepared for full fine-tuning (`apply_adapter`).
+        batch: input_ids (and attention_mask, labels, ...) as training will feed them; small (2x32 tokens).
+        strict: raise ProbeError (an H1tuneError carrying `.report`) when any adapter is inert.
+        scale: size of the random perturbation of lora_B (relative to each weight's RMS for full FT).
+        seed: seeds dropout identically in every forward so loss changes come from the perturbation only.
+        max_module_forwards: above this many modules the loss change is measured once per group.
+
+    The model is left bit-identical (parameters, grads, train/eval flags) and the global RNG state restored.
+    """
+    import torch
+
+    start = time.perf_counter()
+    lora = _lora_units(model)
+    kind = "lora" if lora else "full"
+    units = lora or _full_units(model)
+    inputs, labels = _model_inputs(model, batch)
+    params = list(model.parameters())
+    saved_grads = [p.grad for p in params]
+    saved_modes = {m: m.training for m in model.modules()}
+    hooks, calls = [], {name: 0 for name in units}
+    cuda = [d for d in {p.device.index for p in params if p.device.type == "cuda"} if d is not None]
+
+    def count(name):
+        def hook(*_):
+            calls[name] += 1
+        return hook
+
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            for p in params:
+                p.grad = None
+            model.train()
+            if kind == "lora":
+                hooks = [unit[0].register_forward_hook(count(name)) for name, unit in units.items()]
+
+            def loss_now(grad: bool) -> torch.Tensor:
+                torch.manual_seed(seed)
+                with torch.set_grad_enabled(grad):
+                    return _loss64(model(**inputs).logits, labels)
+
+            loss = loss_now(True)
+            if loss.requires_grad:
+                loss.backward()
+            train_loss = float(loss.detach())
+            rows_grad = {}
+            for name, unit in units.items():
+                tensors = [t for pair in unit[1] for t in pair] if kind == "lora" else unit[1]
+                grads = [t.grad for t in tensors if t.grad is not None]
+                norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads)) if grads else 0.0
+                rows_grad[name] = (bool(grads) and norm > 0 and math.isfinite(norm), norm)
+            for p in params:
+                p.grad = None
+            for h in hooks:
+                h.remove()
+            hooks = []
+
+            base = float(loss_now(False))
+            noise = abs(base - train_loss)
+            threshold = max(10 * noise, 1e-9 * max(1.0, abs(base)))
+            gen = torch.Generator().manual_seed(seed)
+            names = list(units)
+            by_group = len(names) > max_module_forwards
+            batches: dict[str, list[str]] = {}
+            for name in names:
+                key = _group_of(name, kind) if by_group else name
+                batches.setdefault(key, []).append(name)
+            deltas = {}
+            for members in batches.values():
+                targets = [t for n in members for t in
+                           ([pair[0] for pair in units[n][1]] if kind == "lora" else units[n][1])]
+                saved = [t.detach().clone() for t in targets]
+                with torch.no_grad():
+                    for t in targets:
+                        rms = 1.0 if kind == "lora" else max(float(t.float().pow(2).mean().sqrt()), 1e-2)
+                        noise_t = torch.randn(t.shape, generator=gen, dtype=torch.float32)
+                        t.add_((scale * rms * noise_t).to(device=t.device, dtype=t.dtype))
+                    try:
+                        changed = abs(float(loss_now(False)) - base)
+                    finally:
+                        for t, s in zip(targets, saved):
+                            t.copy_(s)
+                for n in members:
+                    deltas[n] = changed
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, g in zip(params, saved_grads):
+            p.grad = g
+        for m, mode in saved_modes.items():
+            m.training = mode
+
+    scope = "group" if by_group else "module"
+    rows = [ProbeRow(name=n, group=_group_of(n, kind), executed=(calls[n] > 0) if kind == "lora" else None,
+                     grad_reached=rows_grad[n][0], grad_norm=rows_grad[n][1], delta_loss=deltas[n], scope=scope,
+                     threshold=threshold) for n in names]
+    notes = []
+    if by_group:
+        notes.append(f"({len(names)} modules > {max_module_forwards}: |dloss| measured per group; forward and "
+                     "gradient checks are per module)")
+    report = ProbeReport(rows=rows, loss=base, kind=kind, seconds=time.perf_counter() - start,
+                         tokens=int(inputs["input_ids"].numel()), notes=notes)
+    if strict:
+        report.raise_if_inert()
+    return report
