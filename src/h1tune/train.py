@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class TrainResult:
     train_loss: float | None
     eval_metrics: dict[str, float]
     loss_curve: Path | None
+    train_seconds: float
 
 
 class H1Trainer(Trainer):
@@ -202,14 +204,16 @@ def run_training(cfg: H1tuneConfig, overwrite: bool = False, resume: bool = Fals
                         wsd_exponential=opt["wsd_exponential"])
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
+    started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_seconds = time.perf_counter() - started
     eval_metrics = trainer.evaluate() if batches.eval is not None else {}
 
     final_dir = _save_final(cfg, trainer, tokenizer)
     curve = plot_loss_curve(cfg.output_dir)
     run_dir.mark_finished(cfg)
     return TrainResult(Path(cfg.output_dir), final_dir, trainer.state.global_step, output.training_loss,
-                       eval_metrics, curve)
+                       eval_metrics, curve, train_seconds)
 
 
 def _save_final(cfg: H1tuneConfig, trainer: Trainer, tokenizer) -> Path:
