@@ -70,16 +70,19 @@ def run_trl(args, work: Path) -> dict:
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
+    from transformers import AutoModelForCausalLM
+
     from h1tune.config import ModelConfig
     from h1tune.data import pad_collate
-    from h1tune.model import load_model, load_tokenizer
+    from h1tune.model import load_tokenizer, resolve_model_path
     from h1tune.train import token_loss_sum
 
     train, held = _rows(args.rows, args.holdout)
     to_pc = lambda r: {"prompt": _as_messages(r)[:1], "completion": _as_messages(r)[1:]}  # noqa: E731
     model_cfg = ModelConfig(name_or_path=args.preset)
     tokenizer = load_tokenizer(model_cfg)
-    model = load_model(model_cfg)
+    # Plain transformers, as a TRL user has it (h1tune's load_model would install h1tune's Mamba kernels).
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.preset), dtype=torch.float32)
     config = SFTConfig(output_dir=str(work / "trl"), max_length=args.max_length, per_device_train_batch_size=args.batch_size,
                        num_train_epochs=1, learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03,
                        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,

@@ -56,6 +56,22 @@ def mamba_path() -> str:
     return "transformers' torch fallback (slow; no mamba_ssm/causal_conv1d)"
 
 
+def use_h1tune_mamba_kernels() -> None:
+    """Put h1tune's Mamba kernels at transformers' seam for every run, packed or not.
+
+    They are exact and faster than transformers' torch fallback (bench/profile_mamba.py), and on
+    CUDA with mamba_ssm the seam still hands every call to the real kernels. Packing needs them
+    (batching.py installs them and fails there); plain batches only lose speed without them, so an
+    unsupported transformers costs a warning here, not the run.
+    """
+    from h1tune import ssm
+
+    try:
+        ssm.install()
+    except H1tuneError as exc:
+        log.warning("%s; plain batches use transformers' own Mamba path", exc)
+
+
 def skip_modules(user_modules: list[str]) -> list[str]:
     """The bitsandbytes skip list: out_proj and lm_head always, user additions merged in.
 
@@ -129,8 +145,10 @@ def load_model(cfg: ModelConfig, device_map: str | None = None, announce: bool =
                           "code when loaded. Convert them, or set model.use_safetensors: false if you trust them")
     from h1tune.adapters import checkpoint_quantization_problems
 
-    if checkpoint_quantization_problems(hf_config):
-        raise ConfigError(checkpoint_quantization_problems(hf_config))
+    problems = checkpoint_quantization_problems(hf_config)
+    if problems:
+        raise ConfigError(problems)
+    use_h1tune_mamba_kernels()
     bnb = quantization_config(cfg, dtype)
     if bnb is not None and device_map is None:
         device_map = "cuda:0" if torch.cuda.is_available() else "cpu"

@@ -24,16 +24,6 @@ IDS = [[1, 3, 17, 99, 250, 7, 512, 42, 4]]
 GREEDY = 2  # decode steps per prompt: enough to exercise generate, cheap on 2 shared cores
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny ops gain nothing from threads, and on shared 2-core machines OpenMP threads of
-    concurrent processes stall each other (a tiny forward measured 2.2 s with 2 threads, 0.06 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_adapter(base_dir: Path, out: Path, seed: int = 1) -> Path:
     """A peft LoRA on the safe targets with random non-zero lora_B, as if trained."""
     from peft import LoraConfig, get_peft_model

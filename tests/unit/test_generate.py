@@ -22,16 +22,6 @@ from h1tune.generate import (  # noqa: E402
 SHORT = SamplingConfig(max_new_tokens=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny ops gain nothing from threads, and on shared 2-core machines OpenMP threads of
-    concurrent processes stall each other (a tiny forward measured 2.2 s with 2 threads, 0.06 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
     from h1tune.tiny import init_model
