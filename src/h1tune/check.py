@@ -30,10 +30,10 @@ def check_chat_template(tokenizer) -> None:
 def run_check(cfg: H1tuneConfig) -> None:
     """Raise H1tuneError on the first problem; print what was checked."""
     from h1tune.adapters import apply_adapter
-    from h1tune.probe import probe_adapters
     from h1tune.batching import make_batches
     from h1tune.data import prepare_datasets
     from h1tune.model import load_model, load_tokenizer
+    from h1tune.probe import probe_adapters
 
     tokenizer = load_tokenizer(cfg.model)
     check_chat_template(tokenizer)

@@ -173,10 +173,10 @@ def run_training(cfg: H1tuneConfig, overwrite: bool = False, resume: bool = Fals
                  callbacks: list | None = None) -> TrainResult:
     """Validate data, load the model, apply the adapter, probe it, train, and save the result."""
     from h1tune.adapters import apply_adapter
-    from h1tune.probe import probe_adapters
     from h1tune.batching import make_batches
     from h1tune.data import prepare_datasets
     from h1tune.model import load_model, load_tokenizer
+    from h1tune.probe import probe_adapters
 
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_datasets(cfg.data, tokenizer, seed=cfg.training.seed)  # fails before any weights load
@@ -207,13 +207,20 @@ def run_training(cfg: H1tuneConfig, overwrite: bool = False, resume: bool = Fals
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - started
-    eval_metrics = trainer.evaluate() if batches.eval is not None else {}
+    eval_metrics = _final_eval(trainer) if batches.eval is not None else {}
 
     final_dir = _save_final(cfg, trainer, tokenizer)
     curve = plot_loss_curve(cfg.output_dir)
     run_dir.mark_finished(cfg)
     return TrainResult(Path(cfg.output_dir), final_dir, trainer.state.global_step, output.training_loss,
                        eval_metrics, curve, train_seconds)
+
+
+def _final_eval(trainer: H1Trainer) -> dict:
+    """The eval metrics at the last step: logged already when eval_steps divides it, else computed."""
+    step = trainer.state.global_step
+    logged = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == step]
+    return logged[-1] if logged else trainer.evaluate()
 
 
 def _save_final(cfg: H1tuneConfig, trainer: Trainer, tokenizer) -> Path:

@@ -119,3 +119,26 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mem
         run_training(config(tmp_path, memorise_file, tiny_dir))
     assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["checkpoint-4"]
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_eval_loss_is_the_same_with_packing_on_and_off(tmp_path, memorise_file, tiny_dir):
+    """Token-weighted eval: the reported loss depends on neither batching nor padding. A 1e-12
+    learning rate keeps the model fixed while the whole run (probe, train, eval) executes."""
+    common = ["training.learning_rate=1e-12", "training.max_steps=1", f"data.eval={memorise_file}"]
+    packed = run_training(config(tmp_path / "p", memorise_file, tiny_dir, *common, "data.packing=true",
+                                 "training.per_device_eval_batch_size=2"))
+    padded = run_training(config(tmp_path / "u", memorise_file, tiny_dir, *common, "data.packing=false",
+                                 "training.per_device_eval_batch_size=5"))
+    assert packed.eval_metrics["eval_tokens"] == padded.eval_metrics["eval_tokens"] > 0
+    assert packed.eval_metrics["eval_loss"] == pytest.approx(padded.eval_metrics["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["adapter.method=full", "adapter.freeze=[embeddings]"],
+    ["model.quantization=4bit"],
+], ids=["full", "qlora"])
+def test_packed_training_runs_with_full_fine_tuning_and_qlora(tmp_path, memorise_file, tiny_dir, overrides):
+    result = run_training(config(tmp_path, memorise_file, tiny_dir, "data.packing=true", "training.max_steps=2",
+                                 "training.learning_rate=1e-4", *overrides))
+    assert result.steps == 2 and result.train_loss is not None and torch.isfinite(torch.tensor(result.train_loss))
+    assert (result.final_dir / "config.yaml").is_file()
