@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 
 from h1tune import __version__
@@ -203,7 +204,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="h1tune: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("h1tune: %(message)s"))
+    logging.getLogger("h1tune").addHandler(handler)
+    logging.getLogger("h1tune").setLevel(logging.INFO)
+    if not args.debug:  # deprecation notices from the libraries are not the user's to act on
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         return COMMANDS[args.command](args)
     except H1tuneError as exc:
