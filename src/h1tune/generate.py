@@ -48,18 +48,6 @@ class SamplingConfig:
             raise H1tuneError("sampling: " + "; ".join(problems))
 
 
-def keep_4bit_unpacked_on_cpu(model) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights on the first CPU forward.
-
-    On CPUs with AVX512-BF16, bnb 0.50 repacks each Linear4bit in eval mode and asserts
-    out_features % 32 == 0, which Falcon-H1's mamba.in_proj fails (2*d_ssm + 2*groups*d_state +
-    n_heads, e.g. 648 in the tiny preset); the repacked layout would also break dequantize_4bit.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
 def _adapter_base(adapter: str) -> str:
     import json
 
@@ -94,7 +82,6 @@ def load_for_generation(model_cfg: ModelConfig, adapter: str | None = None, quan
     if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(model_cfg.model_copy(update={"name_or_path": adapter}))
     model = load_model(model_cfg)
-    keep_4bit_unpacked_on_cpu(model)
     if adapter is not None:
         from peft import PeftModel
 

@@ -290,9 +290,6 @@ def copy_dequantized_weights(quantized_model, target_model) -> int:
     import bitsandbytes as bnb
     import torch
 
-    from h1tune.generate import keep_4bit_unpacked_on_cpu
-
-    keep_4bit_unpacked_on_cpu(quantized_model)
     count = 0
     for name, module in quantized_model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -547,12 +544,9 @@ def merge_adapter(
 
 
 def _load(cfg, device_map):
-    from h1tune.generate import keep_4bit_unpacked_on_cpu
     from h1tune.model import load_model
 
-    model = load_model(cfg, device_map=device_map, announce=False)
-    keep_4bit_unpacked_on_cpu(model)
-    return model.eval()
+    return load_model(cfg, device_map=device_map, announce=False).eval()
 
 
 def _with_adapter(model, adapter_dir: Path):

@@ -109,6 +109,18 @@ def quantization_config(cfg: ModelConfig, compute_dtype: "torch.dtype"):
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules(cfg.llm_int8_skip_modules))
 
 
+def keep_4bit_unpacked_on_cpu(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights on the first CPU forward.
+
+    On CPUs with AVX512-BF16, bnb 0.50 repacks each Linear4bit in eval mode and asserts
+    out_features % 32 == 0, which Falcon-H1's mamba.in_proj fails (2*d_ssm + 2*groups*d_state +
+    n_heads, e.g. 648 in the tiny preset); the repacked layout would also break dequantize_4bit.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -166,6 +178,7 @@ def load_model(cfg: ModelConfig, device_map: str | None = None, announce: bool =
         from h1tune.adapters import verify_unquantized
 
         verify_unquantized(model)
+        keep_4bit_unpacked_on_cpu(model)
     if announce:
         quant = f", {cfg.quantization} base weights (out_proj and lm_head kept whole)" if bnb is not None else ""
         log.info("model %s: dtype %s%s; Mamba path: %s", cfg.name_or_path, str(dtype).replace("torch.", ""),
