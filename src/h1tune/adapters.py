@@ -40,6 +40,10 @@ BYPASSED_MODULES = {
     "out_proj": "the fused Mamba kernel reads mamba.out_proj.weight raw (kernel bypass), so a LoRA there never "
     "trains under the kernels and makes training and inference disagree",
 }
+# Always kept in full precision under bitsandbytes: the fused Mamba kernel reads out_proj.weight raw
+# (a packed 4-bit tensor would be garbage there), and passing any skip list to transformers
+# *replaces* its default list, which is what kept lm_head unquantized.
+ALWAYS_UNQUANTIZED = ("out_proj", "lm_head")
 SAFE_ALTERNATIVE = "remove it (default targets: attention, mamba in_proj, mlp; `all-linear` gives the same safe set)"
 
 # Spellings people try for "everything"; none is ours, each gets a pointer to the safe one.
@@ -353,7 +357,7 @@ def checkpoint_quantization_problems(hf_config: Any) -> list[str]:
     if qc.get("quant_method") != "bitsandbytes":
         return []
     skip = qc.get("llm_int8_skip_modules") or []
-    missing = [m for m in ("out_proj", "lm_head") if m not in skip]
+    missing = [m for m in ALWAYS_UNQUANTIZED if m not in skip]
     if missing:
         return [f"model.name_or_path: the checkpoint is bitsandbytes-quantized without {missing} in its "
                 "llm_int8_skip_modules, so mamba.out_proj (read raw by the fused kernel) may be quantized; "

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-METRICS_FILE = "metrics.jsonl"
+from h1tune.run_dir import METRICS_FILE
+
 LOSS_CURVE_FILE = "loss_curve.png"
 
 

@@ -42,6 +42,4 @@ def run_check(cfg: H1tuneConfig) -> None:
     print(data.summary.format())
     batches = make_batches(cfg.data, tokenizer, data.train, data.eval)
     model = apply_adapter(load_model(cfg.model), cfg)
-    if cfg.adapter.method == "lora":
-        report = probe_adapters(model, batches.probe_batch())
-        print(report.format_table())
+    print(probe_adapters(model, batches.probe_batch()).format_table())

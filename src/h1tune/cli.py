@@ -36,7 +36,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system prompt")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantization", choices=["none", "4bit", "8bit"],
-                   help="load the base quantized, as QLoRA trained it (out_proj and lm_head whole)")
+                   help="load the base quantized (out_proj and lm_head whole); default: as the adapter's run "
+                   "trained it (read from its config.yaml), else unquantized")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
 
 
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantized-base", choices=["none", "4bit", "8bit"],
                    help="how the base was quantized in training (default: read from the run's config.yaml)")
     p.add_argument("--eval-prompts", help="held-out data (.jsonl/.json) to verify on, besides the built-in prompts")
-    p.add_argument("--tolerance", type=float, help="max |Δlogit| / max |logit| (default: 1e-4 fp32, 5e-2 bf16)")
+    p.add_argument("--tolerance", type=float, help="max |Δlogit| / max |logit| (default: 1e-4 fp32, 1e-2 fp16, 5e-2 bf16)")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     return parser
@@ -204,10 +205,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("h1tune: %(message)s"))
-    logging.getLogger("h1tune").addHandler(handler)
-    logging.getLogger("h1tune").setLevel(logging.INFO)
+    logger = logging.getLogger("h1tune")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("h1tune: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     if not args.debug:  # deprecation notices from the libraries are not the user's to act on
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)

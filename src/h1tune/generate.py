@@ -71,6 +71,13 @@ def load_for_generation(model_cfg: ModelConfig, adapter: str | None = None, quan
     if adapter is None and (Path(model_cfg.name_or_path) / "adapter_config.json").is_file():
         adapter = model_cfg.name_or_path
         model_cfg = model_cfg.model_copy(update={"name_or_path": _adapter_base(adapter)})
+    if adapter is not None and quantization is None:
+        from h1tune.merge import run_model_config
+
+        trained = run_model_config(Path(adapter))  # a QLoRA adapter runs on the 4-bit base it trained on
+        if trained is not None and trained.quantization != "none":
+            quantization = trained.quantization
+            model_cfg = model_cfg.model_copy(update={"llm_int8_skip_modules": trained.llm_int8_skip_modules})
     if quantization is not None:
         model_cfg = model_cfg.model_copy(update={"quantization": quantization})
     if adapter is not None:

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from h1tune.adapters import ALWAYS_UNQUANTIZED
 from h1tune.config import ModelConfig
 from h1tune.errors import ConfigError, H1tuneError
 from h1tune.tiny import PRESETS, cached_preset
@@ -21,10 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("h1tune")
 
-# Always kept in full precision under bitsandbytes: the fused Mamba kernel reads out_proj.weight raw
-# (a packed 4-bit tensor would be garbage there), and passing any skip list to transformers
-# *replaces* its default list, which is what kept lm_head unquantized.
-ALWAYS_UNQUANTIZED = ("out_proj", "lm_head")
 
 
 def resolve_model_path(name_or_path: str, seed: int = 0) -> str:

@@ -22,6 +22,7 @@ log = logging.getLogger("h1tune")
 RUN_FILE = "h1tune_run.json"
 COMPLETE_MARKER = "h1tune_complete"
 FINAL_DIR = "final"
+METRICS_FILE = "metrics.jsonl"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -67,14 +68,27 @@ def prepare_output_dir(cfg: H1tuneConfig, overwrite: bool = False, resume: bool 
         if checkpoints:
             log.info("resuming from %s (last complete checkpoint)", checkpoints[-1])
             _write_run_file(run_file, fingerprint, finished=False)
+            _trim_metrics(root, int(checkpoints[-1].name.split("-")[1]))
             return checkpoints[-1]
         if resume:
             raise H1tuneError(f"--resume: {str(root)!r} has no complete checkpoint to resume from")
+        _trim_metrics(root, 0)
     elif resume:
         raise H1tuneError(f"--resume: {str(root)!r} holds no run to resume")
     root.mkdir(parents=True, exist_ok=True)
     _write_run_file(run_file, fingerprint, finished=False)
     return None
+
+
+def _trim_metrics(root: Path, last_step: int) -> None:
+    """Forget metrics logged after `last_step`: the resumed run logs those steps again."""
+    path = root / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
 
 def mark_finished(cfg: H1tuneConfig) -> None:

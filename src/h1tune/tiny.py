@@ -105,6 +105,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mamba_chunk_size": 128, "max_position_embeddings": 131072,
     },
 }
+PRESET_BUILD = 2  # bump when build_model/build_tokenizer change, so cached presets are rebuilt
 TOKENIZER_VOCAB = 1024  # the tokenizer is the same for every preset; larger model vocabs leave rows unused
 
 
@@ -192,7 +193,7 @@ def init_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0, overwri
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "h1tune_preset.json").write_text(json.dumps({"preset": preset, "seed": seed}))
+        (tmp / "h1tune_preset.json").write_text(json.dumps({"preset": preset, "seed": seed, "build": PRESET_BUILD}))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.replace(out_dir)
@@ -208,6 +209,7 @@ def cached_preset(preset: str, seed: int = 0) -> Path:
 
     root = Path(os.environ.get("H1TUNE_CACHE", Path.home() / ".cache" / "h1tune")) / "presets"
     path = root / f"{preset}-seed{seed}"
-    if not (path / "config.json").is_file():
+    marker = path / "h1tune_preset.json"
+    if not marker.is_file() or json.loads(marker.read_text()).get("build") != PRESET_BUILD:
         init_model(path, preset=preset, seed=seed, overwrite=True)
     return path

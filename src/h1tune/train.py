@@ -189,7 +189,7 @@ def run_training(cfg: H1tuneConfig, overwrite: bool = False, resume: bool = Fals
     model.config.use_cache = False
     set_seed(cfg.training.seed)  # LoRA's initial A matrices come from the RNG: same seed, same run
     model = apply_adapter(model, cfg)
-    if cfg.adapter.probe and cfg.adapter.method == "lora":
+    if cfg.adapter.probe:  # LoRA: every adapter; full fine-tuning: every module with trainable weights
         report = probe_adapters(model, batches.probe_batch())
         for line in report.format_group_lines():
             print(line)

@@ -14,7 +14,6 @@ from h1tune.model import load_model
 from h1tune.probe import probe_adapters
 from h1tune.tiny import build_model
 
-pytest.importorskip("bitsandbytes")
 
 
 @pytest.fixture(scope="module")

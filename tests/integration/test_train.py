@@ -90,6 +90,10 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, memoris
     resumed = run_training(interrupted)  # same config: resumes automatically
     assert resumed.steps == 8
 
+    steps = [r["step"] for r in map(json.loads, (resumed.output_dir / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == sorted(set(steps)) == list(range(1, 9)), "each step logged once across the resume"
+
     a = load_file(tmp_path / "a" / "run" / "final" / "adapter_model.safetensors")
     b = load_file(resumed.final_dir / "adapter_model.safetensors")
     assert a.keys() == b.keys()

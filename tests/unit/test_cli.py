@@ -19,7 +19,8 @@ def test_every_subcommand_help_exits_zero(name, capsys):
     with pytest.raises(SystemExit) as info:
         main([name, "--help"])
     assert info.value.code == 0
-    assert name in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"usage: h1tune {name}" in out and len(out.splitlines()) > 4, "a description and options, not a stub"
 
 
 def test_help_does_not_import_torch():

@@ -123,6 +123,22 @@ def test_adapter_dir_stands_for_its_base_plus_adapter(base_dir, adapter_dir):
     assert type(model).__name__ == "PeftModel"
 
 
+def test_qlora_adapter_runs_on_the_4bit_base_its_run_trained_on(base_dir, adapter_dir, tmp_path):
+    """A QLoRA run's config.yaml beside the adapter is enough: no --quantization needed."""
+    import shutil
+
+    import bitsandbytes as bnb
+    import yaml
+
+    qlora_dir = tmp_path / "final"
+    shutil.copytree(adapter_dir, qlora_dir)
+    (qlora_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"quantization": "4bit"}}))
+    model, _ = load_for_generation(ModelConfig(name_or_path=str(qlora_dir), dtype="float32"))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    plain, _ = load_for_generation(ModelConfig(name_or_path=str(adapter_dir), dtype="float32"))
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in plain.modules())
+
+
 def test_4bit_base_plus_adapter_quantized_as_in_training(base_dir, adapter_dir):
     import bitsandbytes as bnb
 
@@ -133,6 +149,11 @@ def test_4bit_base_plus_adapter_quantized_as_in_training(base_dir, adapter_dir):
     for name, module in modules.items():
         if name.endswith(("mamba.out_proj", "lm_head")):
             assert type(module) is torch.nn.Linear, name  # kept whole, as in training
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=prompt).logits
+    assert torch.isfinite(logits).all() and logits.abs().max() > 0
     reply = generate_reply(model, tokenizer, [{"role": "user", "content": "Hi"}], SHORT, stream=False)
     assert isinstance(reply, str)
 

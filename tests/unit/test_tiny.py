@@ -42,7 +42,7 @@ def test_save_load_round_trip_gives_identical_logits(tiny_dir):
     ids = torch.randint(10, 1000, (1, 40))
     with torch.no_grad():
         assert torch.equal(built(ids).logits, loaded(ids).logits)
-    assert json.loads((tiny_dir / "h1tune_preset.json").read_text()) == {"preset": "tiny", "seed": 0}
+    assert json.loads((tiny_dir / "h1tune_preset.json").read_text()) == {"preset": "tiny", "seed": 0, "build": 2}
     assert list(tiny_dir.glob("*.safetensors"))
 
 
@@ -88,3 +88,14 @@ def test_init_model_refuses_a_non_empty_directory(tmp_path):
     with pytest.raises(H1tuneError, match="not empty"):
         init_model(tmp_path / "x")
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+def test_cached_preset_is_rebuilt_when_built_by_older_code(tmp_path, monkeypatch):
+    from h1tune import tiny
+
+    monkeypatch.setenv("H1TUNE_CACHE", str(tmp_path))
+    path = tiny.cached_preset("tiny")
+    marker = path / "h1tune_preset.json"
+    marker.write_text(json.dumps({"preset": "tiny", "seed": 0, "build": 1}))
+    assert tiny.cached_preset("tiny") == path
+    assert json.loads(marker.read_text())["build"] == tiny.PRESET_BUILD

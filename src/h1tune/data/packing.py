@@ -20,9 +20,8 @@ import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from h1tune.data.render import IGNORE_INDEX
 from h1tune.errors import DataError
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -111,5 +111,5 @@ def prepare_datasets(data_cfg, tokenizer, seed: int) -> PreparedData:
 
 
 def validate_data(data_cfg, tokenizer, seed: int = 42) -> DataSummary:
-    """What `h1tune check` runs: the full preparation, keeping only the summary."""
+    """The full preparation, keeping only the summary (for callers that need no examples)."""
     return prepare_datasets(data_cfg, tokenizer, seed).summary

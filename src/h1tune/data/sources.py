@@ -187,5 +187,5 @@ def load_conversations(sources: list, seed: int) -> list[Conversation]:
     out: list[Conversation] = []
     for index, source in enumerate(sources):
         data = read_source(source)
-        out += apply_weight(data.conversations, data.weight, seed, key=f"{index}:{data.path}")
+        out += apply_weight(data.conversations, data.weight, seed, key=f"train:{index}:{data.path}")  # as prepare_datasets
     return out
