@@ -211,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("h1tune: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    if not args.debug:  # deprecation notices from the libraries are not the user's to act on
+    if not args.debug:  # deprecation notices and optional-kernel hints are not the user's to act on
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "install kernels" on every CPU import
     try:
         return COMMANDS[args.command](args)
     except H1tuneError as exc:
