@@ -28,7 +28,6 @@ class Batches:
     eval: list[Any] | None
     collator: Callable[[list[Any]], dict[str, torch.Tensor]]
     row_tokens: float  # mean tokens per train item (a packed row or one example)
-    packed: bool
 
     def probe_batch(self, rows: int = 2) -> dict[str, torch.Tensor]:
         """A small real batch for the adapter probe, built like the training batches."""
@@ -46,7 +45,7 @@ def make_batches(data_cfg: DataConfig, tokenizer, train: list[dict], eval_: list
     eval_items = eval_ or None
     if not data_cfg.packing:
         mean = sum(len(e["input_ids"]) for e in train) / max(1, len(train))
-        return Batches(train, eval_items, partial(pad_collate, pad_token_id=pad_id), mean, packed=False)
+        return Batches(train, eval_items, partial(pad_collate, pad_token_id=pad_id), mean)
 
     from h1tune import ssm
     from h1tune.data.packing import collate_packed, pack_examples
@@ -57,4 +56,4 @@ def make_batches(data_cfg: DataConfig, tokenizer, train: list[dict], eval_: list
     log.info("packing: %d examples into %d rows of %d tokens, %.1f%% full", len(train), len(rows),
              data_cfg.max_length, 100 * plan.fill_ratio)
     mean = plan.num_tokens / max(1, len(rows))
-    return Batches(rows, eval_rows, partial(collate_packed, pad_token_id=pad_id), mean, packed=True)
+    return Batches(rows, eval_rows, partial(collate_packed, pad_token_id=pad_id), mean)

@@ -85,9 +85,9 @@ def load_for_generation(model_cfg: ModelConfig, adapter: str | None = None, quan
 
         read_adapter_config(Path(adapter))
         refuse_bypassed(Path(adapter), bypassed_in_adapter(Path(adapter)))
-    tokenizer = load_tokenizer(model_cfg)
-    if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
-        tokenizer = load_tokenizer(model_cfg.model_copy(update={"name_or_path": adapter}))
+    # The adapter's own tokenizer when the run saved it (its chat template is what trained), else the base's.
+    has_own = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(model_cfg.model_copy(update={"name_or_path": adapter}) if has_own else model_cfg)
     model = load_model(model_cfg)
     if adapter is not None:
         from peft import PeftModel
