@@ -38,8 +38,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from h1tune.merge import merge_adapter
-    from h1tune.tiny import init_model
+    from h1tune.export.merge import merge_adapter
+    from h1tune.presets import init_model
 
     torch.set_num_threads(1)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="h1tune-merge-bench-"))

@@ -18,8 +18,8 @@ def probe_preset(preset: str, batch_size: int, seq_len: int) -> None:
 
     from h1tune.adapters import apply_adapter
     from h1tune.config import H1tuneConfig
-    from h1tune.probe import probe_adapters
-    from h1tune.tiny import build_model
+    from h1tune.adapters.probe import probe_adapters
+    from h1tune.presets import build_model
 
     start = time.perf_counter()
     model = build_model(preset)

@@ -79,7 +79,7 @@ def run(presets: list[str], length: int, reps: int, full_model: bool) -> list[tu
     import torch
     import transformers.models.falcon_h1.modeling_falcon_h1 as mf
 
-    from h1tune.tiny import build_model, preset_config
+    from h1tune.presets import build_model, preset_config
 
     rows = []
     for preset in presets:

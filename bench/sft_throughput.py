@@ -41,7 +41,7 @@ def run_h1tune(args, packed: bool, work: Path) -> dict:
     from h1tune.config import load_config
     from h1tune.data import prepare_datasets
     from h1tune.model import load_tokenizer
-    from h1tune.train import run_training
+    from h1tune.train.sft import run_training
 
     train, held = _rows(args.rows, args.holdout)
     for name, rows in (("train.jsonl", train), ("eval.jsonl", held)):

@@ -24,13 +24,13 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny Falcon-H1 checkpoint + tokenizer on disk (built once per test session)."""
-    from h1tune.tiny import init_model
+    from h1tune.presets import init_model
 
     return init_model(tmp_path_factory.mktemp("models") / "tiny", preset="tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from h1tune.tiny import build_tokenizer
+    from h1tune.presets import build_tokenizer
 
     return build_tokenizer()

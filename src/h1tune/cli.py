@@ -12,8 +12,13 @@ import sys
 import warnings
 from collections.abc import Callable
 
+from typing import get_args
+
 from h1tune import __version__
+from h1tune.config import DType, Quantization
 from h1tune.errors import H1tuneError
+
+OUTPUT_DTYPES = [d for d in get_args(DType) if d != "auto"]
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -34,8 +39,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--quantization", choices=["none", "4bit", "8bit"],
+    p.add_argument("--dtype", default="auto", choices=get_args(DType))
+    p.add_argument("--quantization", choices=get_args(Quantization),
                    help="load the base quantized (out_proj and lm_head whole); default: as the adapter's run "
                    "trained it (read from its config.yaml), else unquantized")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
@@ -105,14 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="adapter directory (e.g. OUTPUT_DIR/final)")
     p.add_argument("out_dir", help="directory to write (never the base's or the adapter's)")
     p.add_argument("--base", help="base model (default: base_model_name_or_path in adapter_config.json)")
-    p.add_argument("--dtype", default="base", choices=["base", "float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="base", choices=["base", *OUTPUT_DTYPES],
                    help="dtype of the merged weights (default: the base's)")
     p.add_argument("--drop-bypassed", action="store_true",
                    help="drop conv1d/mamba.out_proj LoRA weights (they never train under the fused kernel) "
                    "instead of refusing the adapter")
     p.add_argument("--merge-into", default="dequantized", choices=["dequantized", "original"],
                    help="QLoRA: merge into the dequantized 4-bit weights (default) or the original 16-bit ones")
-    p.add_argument("--quantized-base", choices=["none", "4bit", "8bit"],
+    p.add_argument("--quantized-base", choices=get_args(Quantization),
                    help="how the base was quantized in training (default: read from the run's config.yaml)")
     p.add_argument("--eval-prompts", help="held-out data (.jsonl/.json) to verify on, besides the built-in prompts")
     p.add_argument("--tolerance", type=float, help="max |Δlogit| / max |logit| (default: 1e-4 fp32, 1e-2 fp16, 5e-2 bf16)")
@@ -126,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from h1tune.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    from h1tune.train import run_training
+    from h1tune.train.sft import run_training
 
     result = run_training(cfg, overwrite=args.overwrite, resume=args.resume)
     print(f"done: {result.steps} steps, train loss {result.train_loss:.4f}" if result.train_loss is not None
@@ -142,7 +147,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from h1tune.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    from h1tune.check import run_check
+    from h1tune.train.preflight import run_check
 
     run_check(cfg)
     print("check passed")
@@ -151,7 +156,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 @command("init-model")
 def cmd_init_model(args: argparse.Namespace) -> int:
-    from h1tune.tiny import init_model
+    from h1tune.presets import init_model
 
     path = init_model(args.out_dir, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote Falcon-H1 preset {args.preset!r} (seed {args.seed}) to {path}")
@@ -192,7 +197,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 @command("merge")
 def cmd_merge(args: argparse.Namespace) -> int:
-    from h1tune.merge import merge_adapter
+    from h1tune.export.merge import merge_adapter
 
     report = merge_adapter(args.base, args.adapter, args.out_dir, dtype=args.dtype, drop_bypassed=args.drop_bypassed,
                            merge_into=args.merge_into, quantized_base=args.quantized_base,

@@ -16,8 +16,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from h1tune.errors import ConfigError
+from h1tune.policy import FREEZE_GROUPS, target_spelling_problems
 
 DEFAULT_TARGETS = ["attention", "mamba", "mlp"]
+
+# Each choice list is spelled once, here; the CLI and the other modules take them with get_args.
+Quantization = Literal["none", "4bit", "8bit"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
 
 
 class _Section(BaseModel):
@@ -28,8 +34,8 @@ class ModelConfig(_Section):
     """Which Falcon-H1 to load and how."""
 
     name_or_path: str = Field("tiny", description="hub id, local directory, or embedded preset (tiny, 0.5b, 1.5b)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantization: Literal["none", "4bit", "8bit"] = "none"
+    dtype: DType = "auto"
+    quantization: Quantization = "none"
     llm_int8_skip_modules: list[str] = Field(default_factory=list, description="added to out_proj and lm_head, never replacing them")
     trust_remote_code: bool = False
     use_safetensors: bool = True
@@ -42,7 +48,7 @@ class DataSourceConfig(_Section):
     """One dataset: a local file (json, jsonl, parquet, csv) or a Hugging Face dataset id."""
 
     path: str
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = "auto"
+    format: DataFormat = "auto"
     weight: float = Field(1.0, gt=0)
     split: str = "train"
 
@@ -159,9 +165,6 @@ def _valid_keys(loc: tuple) -> list[str]:
 
 def _cross_checks(cfg: H1tuneConfig) -> list[str]:
     """Contradictions between fields, each with the choice that fixes it."""
-    # Imported here: adapters.py holds the Falcon-H1 policy, and its top level is torch-free.
-    from h1tune.adapters import FREEZE_GROUPS, target_spelling_problems
-
     problems = []
     if cfg.model.quantization != "none" and cfg.adapter.method == "full":
         problems.append(
@@ -277,9 +280,6 @@ def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
 
 def save_config(cfg: H1tuneConfig, path: str | Path) -> Path:
     """Write the resolved config beside a run, so the run can be reproduced from it alone."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)
-    return path
+    from h1tune.atomic import write_text_atomic
+
+    return write_text_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

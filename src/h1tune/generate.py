@@ -48,16 +48,6 @@ class SamplingConfig:
             raise H1tuneError("sampling: " + "; ".join(problems))
 
 
-def _adapter_base(adapter: str) -> str:
-    import json
-
-    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
-    if not config.get("base_model_name_or_path"):
-        raise H1tuneError(f"{adapter}/adapter_config.json names no base model; pass the base model and "
-                          "--adapter separately")
-    return config["base_model_name_or_path"]
-
-
 def load_for_generation(model_cfg: ModelConfig, adapter: str | None = None, quantization: str | None = None):
     """The model (with its adapter attached when given), in eval mode, and its tokenizer.
 
@@ -66,28 +56,24 @@ def load_for_generation(model_cfg: ModelConfig, adapter: str | None = None, quan
     as QLoRA training did (NF4, double quant, out_proj and lm_head whole), which is the model a
     QLoRA adapter was trained against.
     """
+    from h1tune.adapters import checkpoint
     from h1tune.model import load_model, load_tokenizer
 
-    if adapter is None and (Path(model_cfg.name_or_path) / "adapter_config.json").is_file():
+    if adapter is None and checkpoint.is_adapter_dir(model_cfg.name_or_path):
         adapter = model_cfg.name_or_path
-        model_cfg = model_cfg.model_copy(update={"name_or_path": _adapter_base(adapter)})
+        model_cfg = model_cfg.model_copy(update={"name_or_path": checkpoint.adapter_base(adapter)})
     if adapter is not None and quantization is None:
-        from h1tune.merge import run_model_config
-
-        trained = run_model_config(Path(adapter))  # a QLoRA adapter runs on the 4-bit base it trained on
+        trained = checkpoint.run_model_config(Path(adapter))  # a QLoRA adapter runs on the 4-bit base it trained on
         if trained is not None and trained.quantization != "none":
             quantization = trained.quantization
             model_cfg = model_cfg.model_copy(update={"llm_int8_skip_modules": trained.llm_int8_skip_modules})
     if quantization is not None:
         model_cfg = model_cfg.model_copy(update={"quantization": quantization})
     if adapter is not None:
-        from h1tune.merge import bypassed_in_adapter, read_adapter_config, refuse_bypassed
-
-        read_adapter_config(Path(adapter))
-        refuse_bypassed(Path(adapter), bypassed_in_adapter(Path(adapter)))
-    # The adapter's own tokenizer when the run saved it (its chat template is what trained), else the base's.
-    has_own = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(model_cfg.model_copy(update={"name_or_path": adapter}) if has_own else model_cfg)
+        checkpoint.read_adapter_config(Path(adapter))
+        checkpoint.refuse_bypassed(Path(adapter), checkpoint.bypassed_in_adapter(Path(adapter)))
+    source = checkpoint.tokenizer_source(adapter, model_cfg.name_or_path)
+    tokenizer = load_tokenizer(model_cfg.model_copy(update={"name_or_path": source}))
     model = load_model(model_cfg)
     if adapter is not None:
         from peft import PeftModel
@@ -182,8 +168,10 @@ def chat_loop(model, tokenizer, sampling: SamplingConfig, input_fn: Callable[[st
 
 def stop_ids(tokenizer) -> list[int]:
     """Stop at the end of the assistant turn (<|im_end|>) and at the end-of-text token."""
+    from h1tune.presets import END_OF_TURN_TOKENS
+
     ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|end_of_text|>"):
+    for token in END_OF_TURN_TOKENS:
         token_id = tokenizer.convert_tokens_to_ids(token)
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
             ids.add(token_id)

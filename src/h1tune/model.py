@@ -1,4 +1,5 @@
-"""Load a Falcon-H1 model and its tokenizer: hub id, local directory, or embedded preset.
+"""Load a Falcon-H1 model and its tokenizer: hub id, local directory, or embedded preset; quantize it
+for QLoRA and check afterwards that out_proj and lm_head stayed whole.
 
 Safe by default: `trust_remote_code` off, safetensors only unless the user opts in.
 `dtype: auto` picks bf16 on CUDA and fp32 on CPU, because on CPUs without native bf16 a bf16
@@ -10,18 +11,17 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from h1tune.adapters import ALWAYS_UNQUANTIZED
 from h1tune.config import ModelConfig
 from h1tune.errors import ConfigError, H1tuneError
-from h1tune.tiny import PRESETS, cached_preset
+from h1tune.policy import ALWAYS_UNQUANTIZED
+from h1tune.presets import PRESETS, cached_preset
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("h1tune")
-
 
 
 def resolve_model_path(name_or_path: str, seed: int = 0) -> str:
@@ -31,12 +31,19 @@ def resolve_model_path(name_or_path: str, seed: int = 0) -> str:
     return name_or_path
 
 
+def dtype_name(dtype: str) -> str:
+    """The one place `auto` is resolved: bfloat16 on CUDA, float32 on CPU."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
 def resolve_dtype(dtype: str) -> "torch.dtype":
     import torch
 
-    if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, dtype)
+    return getattr(torch, dtype_name(dtype))
 
 
 def mamba_path() -> str:
@@ -152,8 +159,6 @@ def load_model(cfg: ModelConfig, device_map: str | None = None, announce: bool =
     if Path(path).is_dir() and cfg.use_safetensors and not any(Path(path).glob("*.safetensors")):
         raise H1tuneError(f"model.name_or_path: {path!r} has no .safetensors weights; pickled weights can run "
                           "code when loaded. Convert them, or set model.use_safetensors: false if you trust them")
-    from h1tune.adapters import checkpoint_quantization_problems
-
     problems = checkpoint_quantization_problems(hf_config)
     if problems:
         raise ConfigError(problems)
@@ -172,8 +177,6 @@ def load_model(cfg: ModelConfig, device_map: str | None = None, announce: bool =
         device_map=device_map,
     )
     if bnb is not None:
-        from h1tune.adapters import verify_unquantized
-
         verify_unquantized(model)
         keep_4bit_unpacked_on_cpu(model)
     if announce:
@@ -181,3 +184,33 @@ def load_model(cfg: ModelConfig, device_map: str | None = None, announce: bool =
         log.info("model %s: dtype %s%s; Mamba path: %s", cfg.name_or_path, str(dtype).replace("torch.", ""),
                  quant, mamba_path())
     return model
+
+
+def verify_unquantized(model) -> None:
+    """Fail loudly if bitsandbytes quantized a mamba.out_proj or the lm_head."""
+    # remove_duplicate=False: a quantized module shared under a second name must be seen there too.
+    bad = [name for name, module in model.named_modules(remove_duplicate=False)
+           if type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+           and (name.endswith("mamba.out_proj") or name.endswith("lm_head"))]
+    if bad:
+        raise H1tuneError(f"quantized modules that must stay whole: {', '.join(bad[:4])}"
+                          f"{' ...' if len(bad) > 4 else ''}; the fused Mamba kernel reads out_proj.weight raw "
+                          "(a packed 4-bit tensor there is garbage) and lm_head is kept whole for its μP "
+                          "multiplier. Keep out_proj and lm_head in model.llm_int8_skip_modules")
+
+
+def checkpoint_quantization_problems(hf_config: Any) -> list[str]:
+    """Refuse a pre-quantized bitsandbytes checkpoint whose skip list lets out_proj or lm_head be quantized."""
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is None:
+        return []
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("quant_method") != "bitsandbytes":
+        return []
+    skip = qc.get("llm_int8_skip_modules") or []
+    missing = [m for m in ALWAYS_UNQUANTIZED if m not in skip]
+    if missing:
+        return [f"model.name_or_path: the checkpoint is bitsandbytes-quantized without {missing} in its "
+                "llm_int8_skip_modules, so mamba.out_proj (read raw by the fused kernel) may be quantized; "
+                "load the unquantized checkpoint and set model.quantization instead"]
+    return []

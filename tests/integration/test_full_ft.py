@@ -6,7 +6,7 @@ import torch
 
 from h1tune.adapters import apply_adapter
 from h1tune.config import config_from_dict
-from h1tune.tiny import build_model
+from h1tune.presets import build_model
 
 
 def test_full_fine_tuning_step_with_frozen_embeddings():

@@ -15,9 +15,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from h1tune import merge as merge_module  # noqa: E402
+from h1tune.export import merge as merge_module  # noqa: E402
 from h1tune.errors import H1tuneError  # noqa: E402
-from h1tune.merge import merge_adapter  # noqa: E402
+from h1tune.export.merge import merge_adapter  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = [[1, 3, 17, 99, 250, 7, 512, 42, 4]]
@@ -71,7 +71,7 @@ def peft_logits(base_dir: Path, adapter: Path | None) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    from h1tune.tiny import init_model
+    from h1tune.presets import init_model
 
     root = tmp_path_factory.mktemp("merge")
     init_model(root / "base", "tiny", seed=0)

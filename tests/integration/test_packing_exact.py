@@ -13,7 +13,7 @@ import torch
 import transformers.models.falcon_h1.modeling_falcon_h1 as mf
 from h1tune import ssm
 from h1tune.data.packing import collate_packed, pack_examples
-from h1tune.tiny import build_model
+from h1tune.presets import build_model
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 # with chunk 16: starts at 0, 7, 8 (mid-chunk), 28 (spans 32 and 48), 63 (1 token, chunk end), 64, 65

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from h1tune.adapters import apply_adapter, verify_unquantized
+from h1tune.adapters import apply_adapter
 from h1tune.config import config_from_dict
 from h1tune.errors import H1tuneError
-from h1tune.model import load_model
-from h1tune.probe import probe_adapters
-from h1tune.tiny import build_model
+from h1tune.model import load_model, verify_unquantized
+from h1tune.adapters.probe import probe_adapters
+from h1tune.presets import build_model
 
 
 

@@ -10,8 +10,8 @@ from transformers import TrainerCallback
 
 from h1tune.config import load_config
 from h1tune.errors import H1tuneError
-from h1tune.run_dir import complete_checkpoints
-from h1tune.train import run_training
+from h1tune.train.run_dir import complete_checkpoints
+from h1tune.train.sft import run_training
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_refuses_an_output_dir_that_holds_another_run(tmp_path, memorise_file, t
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, memorise_file, tiny_dir, monkeypatch):
-    from h1tune import train
+    from h1tune.train import trainer as train
 
     real_step = train.Trainer.training_step
 

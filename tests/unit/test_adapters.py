@@ -5,19 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from h1tune.adapters import (
-    TARGET_GROUPS,
-    apply_adapter,
-    checkpoint_quantization_problems,
-    lora_config,
-    resolve_targets,
-    summarize_trainable,
-    target_spelling_problems,
-)
+from h1tune.adapters import apply_adapter, summarize_trainable
+from h1tune.adapters.lora import lora_config, resolve_targets
 from h1tune.config import AdapterConfig, H1tuneConfig, ModelConfig, config_from_dict
 from h1tune.errors import ConfigError, H1tuneError
-from h1tune.model import ALWAYS_UNQUANTIZED, quantization_config, skip_modules
-from h1tune.tiny import build_model
+from h1tune.model import checkpoint_quantization_problems, quantization_config, skip_modules
+from h1tune.policy import ALWAYS_UNQUANTIZED, TARGET_GROUPS, target_spelling_problems
+from h1tune.presets import build_model
 
 SAFE_LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "gate_proj", "up_proj", "down_proj"}
 LAYERS = 2
@@ -134,18 +128,36 @@ def test_apply_lora_wraps_exactly_the_resolved_modules():
                for n, _ in peft_model.named_parameters() if ".lora_A" in n}
     assert len(wrapped) == 8 * LAYERS
     assert all(p.requires_grad == (".lora_" in n) for n, p in peft_model.named_parameters())
-    table = summarize_trainable(peft_model)
-    for group in TARGET_GROUPS:
-        assert group in table
-    assert "trainable" in table
+    rows = {line.split()[0]: line.split()[1:] for line in summarize_trainable(peft_model).splitlines()[1:]}
+    # modules wrapped per group: q/k/v/o, in_proj only, gate/up/down
+    assert {g: rows[g][0] for g in TARGET_GROUPS} == {"attention": str(4 * LAYERS), "mamba": str(LAYERS),
+                                                      "mlp": str(3 * LAYERS)}
+    assert rows["embeddings"][0] == "-" and rows["embeddings"][1] == "0"  # frozen, nothing wrapped
+    lora_params = sum(p.numel() for n, p in peft_model.named_parameters() if ".lora_" in n)
+    assert rows["total"][1] == f"{lora_params:,}"
+
+
+def test_param_group_labels_modules_parameters_and_lora_factors():
+    from h1tune.policy import param_group
+
+    expected = {
+        "model.embed_tokens": "embeddings", "model.embed_tokens.weight": "embeddings", "lm_head.weight": "lm_head",
+        "model.layers.0.mamba.norm": "norms", "model.layers.0.mamba.norm.weight": "norms",
+        "model.layers.0.input_layernorm.weight": "norms", "model.final_layernorm": "norms",
+        "model.layers.0.mamba.conv1d": "mamba", "model.layers.0.mamba.out_proj": "mamba",
+        "model.layers.0.mamba.A_log": "mamba", "model.layers.1.mamba.in_proj": "mamba",
+        "base_model.model.model.layers.1.mamba.in_proj.lora_A.default.weight": "mamba",
+        "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight": "attention",
+        "model.layers.0.self_attn.o_proj": "attention", "model.layers.0.feed_forward.down_proj": "mlp",
+        "model.rotary_emb": "other",
+    }
+    assert {name: param_group(name) for name in expected} == expected
 
 
 def test_full_freeze_unknown_group_and_everything():
     model = build_model("tiny", num_hidden_layers=1)
-    with pytest.raises(ConfigError, match="unknown group"):
-        apply_adapter(model, H1tuneConfig.model_construct(
-            adapter=AdapterConfig.model_construct(**{**AdapterConfig().model_dump(), "method": "full",
-                                                     "freeze": ["bogus"]})))
+    with pytest.raises(ConfigError, match="unknown group 'bogus'"):  # refused by the config, before any model
+        config_from_dict({"adapter": {"method": "full", "freeze": ["bogus"]}})
     every = ["embeddings", "lm_head", "norms", "attention", "mamba", "mlp"]
     with pytest.raises(ConfigError, match="freezes every parameter"):
         apply_adapter(model, config_from_dict({"adapter": {"method": "full", "freeze": every}}))
@@ -184,9 +196,9 @@ def test_full_method_refuses_quantized_models():
 
 
 def test_resolution_checks_real_names_even_if_the_spelling_check_missed(model, monkeypatch):
-    import h1tune.adapters as adapters
+    import h1tune.adapters.lora as lora
 
-    monkeypatch.setattr(adapters, "target_spelling_problems", lambda specs, exclude=(): [])
+    monkeypatch.setattr(lora, "target_spelling_problems", lambda specs, exclude=(): [])
     with pytest.raises(ConfigError) as err:
         resolve_targets(model, AdapterConfig(target_modules=["attention", r".*\.mamba\..*", "lm_head"]))
     text = str(err.value)

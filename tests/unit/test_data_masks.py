@@ -10,7 +10,7 @@ from h1tune.data import IGNORE_INDEX, load_conversations, pad_collate, tokenize_
 from h1tune.data.conversation import Conversation
 from h1tune.data.render import encode_conversation
 from h1tune.errors import DataError
-from h1tune.tiny import IM_END
+from h1tune.presets import IM_END
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
 

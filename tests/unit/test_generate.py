@@ -24,7 +24,7 @@ SHORT = SamplingConfig(max_new_tokens=3)
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
-    from h1tune.tiny import init_model
+    from h1tune.presets import init_model
 
     return init_model(tmp_path_factory.mktemp("gen") / "base", "tiny", seed=0)
 

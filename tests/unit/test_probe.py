@@ -12,10 +12,11 @@ import torch
 from fused_double import fused_kernel, fused_kernel_installed  # noqa: F401  (fused_kernel: pytest fixture)
 from peft import LoraConfig, get_peft_model
 
-from h1tune.adapters import apply_adapter, resolve_targets
+from h1tune.adapters import apply_adapter
+from h1tune.adapters.lora import resolve_targets
 from h1tune.config import AdapterConfig, H1tuneConfig
-from h1tune.probe import ProbeError, probe_adapters
-from h1tune.tiny import build_model
+from h1tune.adapters.probe import ProbeError, probe_adapters
+from h1tune.presets import build_model
 
 LAYERS = 2
 

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from h1tune.config import load_config
-from h1tune.recipes import resolve_optimisation, tii_learning_rate, wsd_exponential_factor
+from h1tune.train.recipes import resolve_optimisation, tii_learning_rate, wsd_exponential_factor
 
 
 def test_tii_learning_rate_follows_the_square_root_batch_rule():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from h1tune import run_dir
+from h1tune.train import run_dir
 from h1tune.config import load_config
 from h1tune.errors import H1tuneError
 

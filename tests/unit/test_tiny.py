@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from h1tune.tiny import build_model, build_tokenizer, init_model
+from h1tune.presets import build_model, build_tokenizer, init_model
 
 
 def test_tiny_forward_backward_runs_and_is_deterministic():
@@ -91,7 +91,7 @@ def test_init_model_refuses_a_non_empty_directory(tmp_path):
 
 
 def test_cached_preset_is_rebuilt_when_built_by_older_code(tmp_path, monkeypatch):
-    from h1tune import tiny
+    from h1tune import presets as tiny
 
     monkeypatch.setenv("H1TUNE_CACHE", str(tmp_path))
     path = tiny.cached_preset("tiny")

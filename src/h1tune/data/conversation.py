@@ -9,12 +9,13 @@ chat template can render them. Each conversation remembers its file and row so l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
+from h1tune.config import DataFormat
 from h1tune.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+FORMATS = tuple(f for f in get_args(DataFormat) if f != "auto")
 
 
 @dataclass

@@ -82,6 +82,25 @@ def check_chat_template(tokenizer, assistant_only_loss: bool = True) -> None:
                         "use_fast=True, or set data.assistant_only_loss: false")
 
 
+_PROBE_CONVERSATION = [
+    {"role": "system", "content": "s"},
+    {"role": "user", "content": "u"},
+    {"role": "assistant", "content": "a"},
+]
+
+
+def check_template_renders(tokenizer) -> None:
+    """The template must render every turn's content, or assistant-only labels cannot be found."""
+    check_chat_template(tokenizer, assistant_only_loss=False)
+    try:
+        text = tokenizer.apply_chat_template(_PROBE_CONVERSATION, tokenize=False)
+    except Exception as exc:  # a broken Jinja template raises many kinds of errors
+        raise DataError(f"the tokenizer's chat template fails to render a conversation: {exc}") from None
+    if not all(turn["content"] in text for turn in _PROBE_CONVERSATION):
+        raise DataError("the tokenizer's chat template drops some turns' content; use a Falcon-H1 Instruct "
+                        "tokenizer or an h1tune preset")
+
+
 def render(tokenizer, messages: list[dict[str, Any]], tools: list[Any] | None, where: str,
            add_generation_prompt: bool = False) -> str:
     """The template's text for `messages`; a template error names the conversation."""

@@ -20,6 +20,7 @@ from h1tune.errors import H1tuneError
 
 BOS, EOS_TEXT, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+END_OF_TURN_TOKENS = (IM_END, EOS_TEXT)  # generation stops at either (real Falcon-H1 tokenizers have both)
 SPECIAL_TOKENS = [PAD, BOS, EOS_TEXT, IM_START, IM_END, "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 
 # Falcon-H1 chat format: ChatML with the BOS token first; tool signatures are listed in the
@@ -178,6 +179,8 @@ def init_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0, overwri
 
     from transformers import GenerationConfig
 
+    from h1tune.atomic import publish_dir
+
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise H1tuneError(f"{out_dir} is not empty; choose another directory or pass --overwrite")
@@ -194,13 +197,37 @@ def init_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0, overwri
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "h1tune_preset.json").write_text(json.dumps({"preset": preset, "seed": seed, "build": PRESET_BUILD}))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.replace(out_dir)
+        publish_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+# The safe LoRA targets by leaf name (attention, mamba in_proj, mlp), for adapters built without a config.
+FAKE_ADAPTER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def save_fake_adapter(base_dir: str | Path, out: str | Path, *, r: int = 8, lora_alpha: float = 16,
+                      targets: list[str] | None = None, seed: int = 1, std: float = 0.05) -> Path:
+    """A peft LoRA adapter with random non-zero lora_B, standing in for a trained one.
+
+    Tests and benches need an adapter that changes the logits (a fresh LoRA's lora_B is zero)
+    without paying for a training run.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=lora_alpha,
+                                                  target_modules=list(targets or FAKE_ADAPTER_TARGETS)))
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=gen) * std
+    peft_model.save_pretrained(out)
+    return Path(out)
 
 
 def cached_preset(preset: str, seed: int = 0) -> Path:

@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+from h1tune.atomic import publish_dir, write_text_atomic
 from h1tune.config import H1tuneConfig
 from h1tune.errors import H1tuneError
 
@@ -86,9 +87,7 @@ def _trim_metrics(root: Path, last_step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def mark_finished(cfg: H1tuneConfig) -> None:
@@ -96,17 +95,13 @@ def mark_finished(cfg: H1tuneConfig) -> None:
 
 
 def _write_run_file(path: Path, fingerprint: str, finished: bool) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "finished": finished}))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps({"fingerprint": fingerprint, "finished": finished}))
 
 
 def publish_checkpoint(staged: Path, destination: Path) -> None:
     """Mark a fully written checkpoint complete and move it into place with one rename."""
     (staged / COMPLETE_MARKER).write_text("")
-    if destination.exists():
-        shutil.rmtree(destination)
-    staged.replace(destination)
+    publish_dir(staged, destination)
 
 
 def rotate_checkpoints(output_dir: str | Path, keep: int | None) -> None:

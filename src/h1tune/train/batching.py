@@ -16,6 +16,10 @@ import torch
 
 from h1tune.config import DataConfig, TrainingConfig
 from h1tune.data import pad_collate
+from h1tune.data.render import IGNORE_INDEX
+
+PROBE_EXAMPLES = 2
+PROBE_MAX_TOKENS = 64  # per example: the probe needs a real batch on the training path, not a long one
 
 log = logging.getLogger("h1tune")
 
@@ -28,10 +32,16 @@ class Batches:
     eval: list[Any] | None
     collator: Callable[[list[Any]], dict[str, torch.Tensor]]
     row_tokens: float  # mean tokens per train item (a packed row or one example)
+    probe_items: list[Any]  # a few short training examples, batched by `probe_collator`
+    probe_collator: Callable[[list[Any]], dict[str, torch.Tensor]]
 
-    def probe_batch(self, rows: int = 2) -> dict[str, torch.Tensor]:
-        """A small real batch for the adapter probe, built like the training batches."""
-        return self.collator(self.train[:rows])
+    def probe_batch(self) -> dict[str, torch.Tensor]:
+        """A short real batch for the adapter probe, built like the training batches (packed or padded).
+
+        Two short examples rather than whole training rows: the probe costs a few forwards, and
+        on a 128-row job two 512-token packed rows made it a quarter of the run.
+        """
+        return self.probe_collator(self.probe_items)
 
     def tokens_per_step(self, training: TrainingConfig) -> int:
         """Tokens in one optimiser step (TII's learning-rate rule scales with it)."""
@@ -43,9 +53,11 @@ def make_batches(data_cfg: DataConfig, tokenizer, train: list[dict], eval_: list
     """Padded batches, or packed rows of `data.max_length` when `data.packing` is on."""
     pad_id = tokenizer.pad_token_id
     eval_items = eval_ or None
+    probe = probe_examples(train)
     if not data_cfg.packing:
         mean = sum(len(e["input_ids"]) for e in train) / max(1, len(train))
-        return Batches(train, eval_items, partial(pad_collate, pad_token_id=pad_id), mean)
+        collate = partial(pad_collate, pad_token_id=pad_id)
+        return Batches(train, eval_items, collate, mean, probe, collate)
 
     from h1tune import ssm
     from h1tune.data.packing import collate_packed, pack_examples
@@ -56,4 +68,19 @@ def make_batches(data_cfg: DataConfig, tokenizer, train: list[dict], eval_: list
     log.info("packing: %d examples into %d rows of %d tokens, %.1f%% full", len(train), len(rows),
              data_cfg.max_length, 100 * plan.fill_ratio)
     mean = plan.num_tokens / max(1, len(rows))
-    return Batches(rows, eval_rows, partial(collate_packed, pad_token_id=pad_id), mean)
+    collate = partial(collate_packed, pad_token_id=pad_id)
+    probe_rows = pack_examples(probe, sum(len(e["input_ids"]) for e in probe))[0]  # one packed row, boundaries kept
+    return Batches(rows, eval_rows, collate, mean, probe_rows, collate)
+
+
+def probe_examples(train: list[dict], count: int = PROBE_EXAMPLES, max_tokens: int = PROBE_MAX_TOKENS) -> list[dict]:
+    """The shortest training examples whose first `max_tokens` tokens still carry labels, cut there."""
+    def cut(example: dict) -> dict:
+        return {k: list(example[k])[:max_tokens] for k in ("input_ids", "labels")}
+
+    def labelled(example: dict) -> bool:
+        return any(label != IGNORE_INDEX for label in example["labels"][1:])
+
+    by_length = sorted(range(len(train)), key=lambda i: len(train[i]["input_ids"]))
+    chosen = [c for c in (cut(train[i]) for i in by_length) if labelled(c)][:count]
+    return chosen or [cut(train[by_length[0]])]

@@ -1,18 +1,15 @@
-"""Trainer callbacks a user watches: a progress bar (loss, tokens/s, ETA), JSON-lines metrics,
-and the loss-curve PNG written at the end."""
+"""Trainer callbacks a user watches: a progress bar (loss, tokens/s, ETA) and JSON-lines metrics
+(the loss-curve PNG drawn from them at the end is plots.py)."""
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from h1tune.run_dir import METRICS_FILE
-
-LOSS_CURVE_FILE = "loss_curve.png"
+from h1tune.train.run_dir import METRICS_FILE
 
 
 class ProgressBar(TrainerCallback):
@@ -66,38 +63,3 @@ class MetricsLog(TrainerCallback):
         record = {"step": state.global_step, "time": time.time(), **logs}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(output_dir: str | Path) -> list[dict]:
-    path = Path(output_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_loss_curve(output_dir: str | Path) -> Path | None:
-    """Train and eval loss against step, from metrics.jsonl; None when nothing was logged."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(output_dir)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    if not train and not evals:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), marker="o", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    path = Path(output_dir) / LOSS_CURVE_FILE
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from h1tune.adapters import target_group
 from h1tune.errors import H1tuneError
+from h1tune.policy import param_group
 
 # Batch keys collators add for the loss mask; the model's forward does not take them.
 _NON_MODEL_KEYS = {"completion_mask", "assistant_masks", "prompt_mask", "num_items_in_batch"}
@@ -86,6 +86,11 @@ class ProbeReport:
         lines.append(f"loss {self.loss:.4f} on {self.tokens} tokens; {len(self.rows)} modules, "
                      f"{len(self.inert)} inert; {self.seconds:.1f}s")
         return "\n".join(lines + self.notes)
+
+    def summary_line(self) -> str:
+        kind = "LoRA modules" if self.kind == "lora" else "modules with trainable weights"
+        return (f"adapter probe: {len(self.rows) - len(self.inert)}/{len(self.rows)} {kind} live on "
+                f"{self.tokens} tokens in {self.seconds:.1f}s")
 
     def format_group_lines(self) -> list[str]:
         """One line per group: live count, gradient norms, smallest loss change, inert names."""
@@ -154,6 +159,8 @@ def _full_units(model: Any) -> dict[str, list[Any]]:
 def _model_inputs(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    from h1tune.data.render import IGNORE_INDEX
+
     device = next(model.parameters()).device
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
               if k not in _NON_MODEL_KEYS}
@@ -163,28 +170,9 @@ def _model_inputs(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
     if labels is None:
         labels = inputs["input_ids"].clone()
         if "attention_mask" in inputs:
-            labels[inputs["attention_mask"] == 0] = -100
+            labels[inputs["attention_mask"] == 0] = IGNORE_INDEX
     inputs["use_cache"] = False
     return inputs, labels
-
-
-def _loss64(logits: Any, labels: Any) -> Any:
-    """Causal-LM cross entropy in float64: μP's small lm_head multiplier makes fp32 loss changes sub-ulp."""
-    import torch.nn.functional as F
-
-    shift_logits = logits[:, :-1].double().flatten(0, 1)
-    shift_labels = labels[:, 1:].to(logits.device).flatten()
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
-
-
-def _group_of(name: str, kind: str) -> str:
-    group = target_group(name)
-    if group != "other" or kind == "lora":
-        return group
-    for part in ("embed_tokens", "lm_head", "layernorm", "conv1d", "out_proj"):
-        if part in name:
-            return {"layernorm": "norms", "conv1d": "mamba", "out_proj": "mamba"}.get(part, part)
-    return "mamba" if ".mamba" in name else "other"
 
 
 def probe_adapters(model: Any, batch: dict[str, Any], *, strict: bool = True, scale: float = 0.25,
@@ -193,7 +181,8 @@ def probe_adapters(model: Any, batch: dict[str, Any], *, strict: bool = True, sc
 
     Args:
         model: a PeftModel (LoRA) or a model prepared for full fine-tuning (`apply_adapter`).
-        batch: input_ids (and attention_mask, labels, ...) as training will feed them; small (2x32 tokens).
+        batch: input_ids (and attention_mask, labels, ...) as training will feed them; keep it short
+            (Batches.probe_batch gives two short real examples): the probe costs ~2 + groups forwards.
         strict: raise ProbeError (an H1tuneError carrying `.report`) when any adapter is inert.
         scale: size of the random perturbation of lora_B (relative to each weight's RMS for full FT).
         seed: seeds dropout identically in every forward so loss changes come from the perturbation only.
@@ -202,6 +191,8 @@ def probe_adapters(model: Any, batch: dict[str, Any], *, strict: bool = True, sc
     The model is left bit-identical (parameters, grads, train/eval flags) and the global RNG state restored.
     """
     import torch
+
+    from h1tune.train.loss import shifted_cross_entropy
 
     start = time.perf_counter()
     lora = _lora_units(model)
@@ -230,7 +221,9 @@ def probe_adapters(model: Any, batch: dict[str, Any], *, strict: bool = True, sc
             def loss_now(grad: bool) -> torch.Tensor:
                 torch.manual_seed(seed)
                 with torch.set_grad_enabled(grad):
-                    return _loss64(model(**inputs).logits, labels)
+                    # float64: μP's small lm_head multiplier makes fp32 loss changes sub-ulp
+                    logits = model(**inputs).logits
+                    return shifted_cross_entropy(logits, labels, reduction="mean", dtype=torch.float64)
 
             loss = loss_now(True)
             if loss.requires_grad:
@@ -256,7 +249,7 @@ def probe_adapters(model: Any, batch: dict[str, Any], *, strict: bool = True, sc
             by_group = len(names) > max_module_forwards
             batches: dict[str, list[str]] = {}
             for name in names:
-                key = _group_of(name, kind) if by_group else name
+                key = param_group(name) if by_group else name
                 batches.setdefault(key, []).append(name)
             deltas = {}
             for members in batches.values():
@@ -284,7 +277,7 @@ def probe_adapters(model: Any, batch: dict[str, Any], *, strict: bool = True, sc
             m.training = mode
 
     scope = "group" if by_group else "module"
-    rows = [ProbeRow(name=n, group=_group_of(n, kind), executed=(calls[n] > 0) if kind == "lora" else None,
+    rows = [ProbeRow(name=n, group=param_group(n), executed=(calls[n] > 0) if kind == "lora" else None,
                      grad_reached=rows_grad[n][0], grad_norm=rows_grad[n][1], delta_loss=deltas[n], scope=scope,
                      threshold=threshold) for n in names]
     notes = []
