@@ -15,22 +15,6 @@ import tempfile
 from pathlib import Path
 
 
-def sample_adapter(base_dir: Path, out: Path) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "gate_proj", "up_proj", "down_proj"]
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
-    gen = torch.Generator().manual_seed(1)
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            param.data = torch.randn(param.shape, generator=gen) * 0.05
-    peft_model.save_pretrained(out)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=None, help="where to write (default: a fresh temp dir)")
@@ -39,12 +23,12 @@ def main() -> None:
     import torch
 
     from h1tune.export.merge import merge_adapter
-    from h1tune.presets import init_model
+    from h1tune.presets import init_model, save_fake_adapter
 
     torch.set_num_threads(1)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="h1tune-merge-bench-"))
     base = init_model(work / "base", "tiny", overwrite=True)
-    adapter = sample_adapter(base, work / "adapter")
+    adapter = save_fake_adapter(base, work / "adapter")
     runs = [("LoRA, fp32", {}), ("LoRA, bf16", {"dtype": "bfloat16"}),
             ("QLoRA, merge into dequantized 4-bit (default)", {"quantized_base": "4bit"}),
             ("QLoRA, merge into original 16-bit", {"quantized_base": "4bit", "merge_into": "original"})]

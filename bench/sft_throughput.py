@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ALPACA = next((p for p in (REPO.parent / "shared/data/real/alpaca_en_demo.json",
-                           Path("/work/shared/data/real/alpaca_en_demo.json")) if p.is_file()), None)
+ALPACA = REPO.parent / "shared/data/real/alpaca_en_demo.json"  # ../shared beside the checkout
+ALPACA = ALPACA if ALPACA.is_file() else None
 MODES = ("h1tune-packed", "h1tune-padded", "trl-padded")
 SAFE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -52,16 +52,51 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config field, e.g. --set training.learning_rate=1e-4 (repeatable)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="h1tune",
-        description="Fine-tune Falcon-H1 (hybrid attention + Mamba-2) with safe adapter defaults, "
-        "exact packing, and proof that every adapter trains.",
-    )
-    parser.add_argument("--version", action="version", version=f"h1tune {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="held-out loss and perplexity, samples and lm-eval tasks; several models side by side",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Did the fine-tune help? Token-weighted loss and perplexity on held-out data (the assistant "
+        "tokens, as training scores them), generations on a prompts file, and lm-evaluation-harness tasks, "
+        "for one or more models, printed as one table (a column per model).\n\n"
+        "A MODEL is a preset, hub id or model directory (merged or fully fine-tuned), an adapter directory "
+        "(base + adapter; a QLoRA adapter on the 4-bit base it trained on), or a run directory (its final/).",
+        epilog="examples:\n"
+        "  h1tune eval tiny runs/sft --data heldout.jsonl --output eval.json\n"
+        "  h1tune eval tiny runs/sft --config run.yaml --set data.packing=true   # the run's eval set, packed\n"
+        "  h1tune eval runs/sft runs/merged --samples prompts.txt --temperature 0.7 --seed 1\n"
+        "  h1tune eval runs/sft --tasks arc_easy,my_task.yaml --limit 200 --chat-template")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="preset, hub id, model directory, adapter "
+                   "directory, or run directory")
+    p.add_argument("--data", action="append", default=[], metavar="FILE",
+                   help="held-out data in any supported format (repeatable); default: the config's data.eval, "
+                   "or the data.eval_fraction of data.train that its run held out")
+    p.add_argument("--config", help="a run's YAML config: its data options (max_length, truncation, packing, "
+                   "system_prompt, ...), its eval data, and how to load the base (dtype, quantization)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, as for train, e.g. --set data.packing=true (repeatable)")
+    p.add_argument("--batch-size", type=int, help="default: training.per_device_eval_batch_size")
+    p.add_argument("--output", metavar="FILE.json", help="write every number and the settings as JSON")
+    g = p.add_argument_group("samples")
+    g.add_argument("--samples", metavar="PROMPTS_FILE", help="a .txt file (one prompt per line) or data file; "
+                   "each model's replies are shown side by side and written as JSON lines")
+    g.add_argument("--samples-output", metavar="FILE.jsonl",
+                   help="default: the --output name with .samples.jsonl, else eval_samples.jsonl")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples, seeded")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i) and harness seed")
+    g = p.add_argument_group("lm-evaluation-harness tasks (pip install 'h1tune[eval]')")
+    g.add_argument("--tasks", help="comma-separated harness task names or task YAML files (a local "
+                   "`dataset_path: json` task runs offline), e.g. arc_easy,hellaswag")
+    g.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")
+    g.add_argument("--limit", type=float, help="documents per task (a fraction of each task when below 1)")
+    g.add_argument("--chat-template", action="store_true", help="render task prompts with the model's chat template")
+    g.add_argument("--system", help="system instruction for the task prompts")
 
+
+def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="supervised fine-tuning (LoRA, QLoRA or full) from a YAML config",
                        description="Validate the data, load the model, apply the adapter, prove every adapter "
                        "trains (the probe), then train with progress, eval, atomic checkpoints and automatic "
@@ -71,12 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the last complete checkpoint (automatic when the config is unchanged)")
 
+
+def _add_check_parser(sub) -> None:
     p = sub.add_parser("check", help="validate config, data, chat template and adapters without training",
                        description="Validate the config, the data files and the chat template, load the model, "
                        "apply the adapter and run the adapter probe on a real batch. Exits non-zero on any "
                        "problem.")
     _add_config_args(p)
 
+
+def _add_init_model_parser(sub) -> None:
     p = sub.add_parser("init-model", help="write a random-weight Falcon-H1 checkpoint + tokenizer (offline)",
                        description="Write an embedded Falcon-H1 preset (random weights, safetensors) with a locally "
                        "built tokenizer and Falcon-H1's chat template. `tiny` trains a step in about a second "
@@ -86,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
 
+
+def _add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate a reply with the chat template, streaming",
                        description="Generate a reply from a model directory, hub id, preset, or a trained "
                        "adapter directory (its base is read from adapter_config.json), using the model's chat "
@@ -94,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the user message")
     _add_sampling(p)
 
+
+def _add_chat_parser(sub) -> None:
     p = sub.add_parser("chat", help="multi-turn chat in the terminal (/reset, /exit)",
                        description="Chat with a model, a merged model, or base + adapter, in the terminal. "
                        "Each turn sends the whole conversation through the chat template. Commands: /reset "
@@ -101,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model directory, hub id, preset name, or adapter directory")
     _add_sampling(p)
 
+
+def _add_merge_parser(sub) -> None:
     p = sub.add_parser("merge", help="merge a LoRA adapter into a stock Falcon-H1 checkpoint, verified",
                        description="Merge a LoRA adapter into its base and write a stock Falcon-H1 checkpoint "
                        "(safetensors, μP multipliers untouched, tokenizer, chat template). The written model "
@@ -123,6 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, help="max |Δlogit| / max |logit| (default: 1e-4 fp32, 1e-2 fp16, 5e-2 bf16)")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="h1tune",
+        description="Fine-tune Falcon-H1 (hybrid attention + Mamba-2) with safe adapter defaults, "
+        "exact packing, and proof that every adapter trains.",
+    )
+    parser.add_argument("--version", action="version", version=f"h1tune {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    _add_train_parser(sub)
+    _add_check_parser(sub)
+    _add_init_model_parser(sub)
+    _add_generate_parser(sub)
+    _add_chat_parser(sub)
+    _add_merge_parser(sub)
+    _add_eval_parser(sub)
     return parser
 
 
@@ -204,6 +268,28 @@ def cmd_merge(args: argparse.Namespace) -> int:
                            overwrite=args.overwrite, eval_prompts=args.eval_prompts, tolerance=args.tolerance,
                            max_shard_size=args.max_shard_size)
     print(report.format())
+    return 0
+
+
+@command("eval")
+def cmd_eval(args: argparse.Namespace) -> int:
+    from h1tune.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from h1tune.evaluation import EvalOptions, HarnessOptions, run_eval
+    from h1tune.generate import SamplingConfig
+
+    harness = None
+    if args.tasks is not None:
+        limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+        harness = HarnessOptions(tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+                                 batch_size=args.batch_size or cfg.training.per_device_eval_batch_size,
+                                 num_fewshot=args.num_fewshot, limit=limit, apply_chat_template=args.chat_template,
+                                 system_instruction=args.system, seed=args.seed)
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, seed=args.seed)
+    run_eval(args.models, cfg, EvalOptions(data=args.data, batch_size=args.batch_size, output=args.output,
+                                           prompts=args.samples, samples_output=args.samples_output,
+                                           sampling=sampling, harness=harness))
     return 0
 
 

@@ -24,6 +24,13 @@ DEFAULT_TARGETS = ["attention", "mamba", "mlp"]
 Quantization = Literal["none", "4bit", "8bit"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+# Preference formats (DPO pairs, then KTO's unpaired rows), in detection order: h1tune.data.preference.
+PreferenceFormat = Literal["sharegpt_ranking", "preference", "kto_sharegpt", "kto_messages", "kto_prompt_completion"]
+Objective = Literal["sft", "dpo", "kto"]
+# TRL 1.16's loss names (DPOConfig.loss_type / KTOConfig.loss_type); a test checks them against TRL.
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 class _Section(BaseModel):
@@ -42,13 +49,14 @@ class ModelConfig(_Section):
     revision: str | None = None
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     seed: int = Field(0, description="seed for the random weights of an embedded preset")
+    adapter: str | None = Field(None, description="a LoRA adapter dir to start from (e.g. an SFT run's final/); it keeps training")
 
 
 class DataSourceConfig(_Section):
     """One dataset: a local file (json, jsonl, parquet, csv) or a Hugging Face dataset id."""
 
     path: str
-    format: DataFormat = "auto"
+    format: Literal[get_args(DataFormat) + get_args(PreferenceFormat)] = "auto"  # type: ignore[valid-type]
     weight: float = Field(1.0, gt=0)
     split: str = "train"
 
@@ -101,7 +109,12 @@ class AdapterConfig(_Section):
 class TrainingConfig(_Section):
     """Optimiser, schedule and loop settings; `None` means "take it from the recipe"."""
 
-    recipe: Literal["lora", "tii_sft"] | None = Field(None, description="default: lora for LoRA, tii_sft for full")
+    objective: Objective = Field("sft", description="sft, or preference tuning: dpo (pairs) or kto (labelled completions)")
+    recipe: Literal["lora", "tii_sft", "tii_dpo", "dpo", "kto"] | None = Field(
+        None, description="default: lora for LoRA SFT, tii_sft for full SFT, dpo / kto for those objectives")
+    beta: float | None = Field(None, gt=0, description="dpo/kto: deviation from the reference (TRL's beta)")
+    loss_type: list[str] | None = Field(None, description="dpo/kto: TRL loss names, e.g. sigmoid_norm; default from the recipe")
+    schedule_epochs: float | None = Field(None, gt=0, description="the LR schedule spans this many epochs; training stops after num_train_epochs")
     learning_rate: float | None = Field(None, gt=0)
     lr_scheduler_type: str | None = None
     warmup_ratio: float | None = Field(None, ge=0.0, lt=1.0)
@@ -121,6 +134,11 @@ class TrainingConfig(_Section):
     seed: int = 42
     gradient_checkpointing: bool = False
     report_to: list[str] = Field(default_factory=lambda: ["auto"], description="'auto' = tensorboard when installed")
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _loss_names(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 class H1tuneConfig(_Section):
@@ -179,6 +197,36 @@ def _cross_checks(cfg: H1tuneConfig) -> list[str]:
     if cfg.adapter.method == "lora":
         problems += [f"adapter.target_modules: {p}" for p in
                      target_spelling_problems(cfg.adapter.target_modules, cfg.adapter.exclude_modules)]
+    return problems + _objective_checks(cfg)
+
+
+_OBJECTIVE_RECIPES = {"sft": ("lora", "tii_sft"), "dpo": ("tii_dpo", "dpo"), "kto": ("kto",)}
+
+
+def _objective_checks(cfg: H1tuneConfig) -> list[str]:
+    """Recipe, loss names and options that belong to another objective."""
+    t, problems = cfg.training, []
+    if t.recipe and t.recipe not in _OBJECTIVE_RECIPES[t.objective]:
+        problems.append(f"training.recipe: {t.recipe!r} is not a recipe for training.objective {t.objective!r}; "
+                        f"choose from {', '.join(_OBJECTIVE_RECIPES[t.objective])}")
+    if t.objective == "sft":
+        problems += [f"training.{name}: applies to objective dpo or kto; set training.objective or remove it"
+                     for name in ("beta", "loss_type") if getattr(t, name) is not None]
+    else:
+        names = DPO_LOSS_TYPES if t.objective == "dpo" else KTO_LOSS_TYPES
+        problems += [f"training.loss_type: {name!r} is not a TRL {t.objective.upper()} loss; choose from "
+                     f"{', '.join(names)}" for name in t.loss_type or () if name not in names]
+    if t.objective == "kto" and t.loss_type and len(t.loss_type) > 1:
+        problems.append("training.loss_type: KTO takes one loss name")
+    if cfg.model.adapter and cfg.adapter.method == "full":
+        problems.append("model.adapter: continuing a LoRA adapter needs adapter.method: lora; for full fine-tuning "
+                        "merge it first (h1tune merge ADAPTER OUT) and set model.name_or_path to the merged model")
+    if t.schedule_epochs is not None and t.schedule_epochs < t.num_train_epochs:
+        problems.append(f"training.schedule_epochs: {t.schedule_epochs:g} is shorter than training.num_train_epochs "
+                        f"({t.num_train_epochs:g}); the schedule must cover the epochs trained")
+    if t.objective == "kto" and cfg.data.packing:
+        problems.append("data.packing: not supported with objective kto yet (its KL term pairs completions across "
+                        "the batch); set data.packing: false")
     return problems
 
 

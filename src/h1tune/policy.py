@@ -104,6 +104,11 @@ _LABEL_ORDER = ("embeddings", "lm_head", "norms", "attention", "mamba", "mlp")
 _PEFT_PARTS = re.compile(r"\.(lora_[A-Za-z_]+|base_layer)(\.|$).*$")
 
 
+def never_adapted(path: str) -> bool:
+    """lm_head is never a LoRA target: it is kept whole and its μP multiplier scales any delta."""
+    return path.rsplit(".", 1)[-1] == "lm_head"
+
+
 def param_group(name: str) -> str:
     """The group of a module or parameter name, for every table and the probe.
 
@@ -118,7 +123,7 @@ def param_group(name: str) -> str:
     return "other"
 
 
-def _selected(specs: list[str], exclude: list[str], paths: list[str]) -> dict[str, list[str]]:
+def select_paths(specs: list[str], exclude: list[str], paths: list[str]) -> dict[str, list[str]]:
     """For each spec, the paths it selects that no exclude spec removes."""
     kept = [p for p in paths if not any(spec_matches(e, p) for e in exclude)]
     return {spec: [p for p in kept if spec_matches(spec, p)] for spec in specs}
@@ -159,11 +164,11 @@ def target_spelling_problems(specs: list[str], exclude: list[str] | tuple[str, .
         if shape:
             problems += shape
             continue
-        hits = _selected([spec], list(exclude), _EXAMPLE_PATHS)[spec]
+        hits = select_paths([spec], list(exclude), _EXAMPLE_PATHS)[spec]
         leaves = sorted({p.rsplit(".", 1)[-1] for p in hits if bypassed_reason(p)})
         for leaf in leaves:
             problems.append(f"{spec!r} reaches mamba.{leaf}: {BYPASSED_MODULES[leaf]}; {SAFE_ALTERNATIVE}")
-        if any(p == "lm_head" for p in hits):
+        if any(never_adapted(p) for p in hits):
             problems.append(f"{spec!r} reaches lm_head, which h1tune does not adapt (it is kept unquantized and its "
                             "μP multiplier scales any delta); remove it")
         blocks = [p for p in hits if p.rsplit(".", 1)[-1] not in _LINEAR_LEAVES]

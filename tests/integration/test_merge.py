@@ -19,24 +19,15 @@ from h1tune.export import merge as merge_module  # noqa: E402
 from h1tune.errors import H1tuneError  # noqa: E402
 from h1tune.export.merge import merge_adapter  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = [[1, 3, 17, 99, 250, 7, 512, 42, 4]]
 GREEDY = 2  # decode steps per prompt: enough to exercise generate, cheap on 2 shared cores
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int = 1) -> Path:
     """A peft LoRA on the safe targets with random non-zero lora_B, as if trained."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from h1tune.presets import save_fake_adapter
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
-    gen = torch.Generator().manual_seed(seed)
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            param.data = torch.randn(param.shape, generator=gen) * 0.05
-    peft_model.save_pretrained(out)
-    return out
+    return save_fake_adapter(base_dir, out, seed=seed)
 
 
 def add_bypassed_weights(adapter: Path, out: Path) -> Path:

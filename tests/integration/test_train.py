@@ -146,3 +146,25 @@ def test_packed_training_runs_with_full_fine_tuning_and_qlora(tmp_path, memorise
                                  "training.learning_rate=1e-4", *overrides))
     assert result.steps == 2 and result.train_loss is not None and torch.isfinite(torch.tensor(result.train_loss))
     assert (result.final_dir / "config.yaml").is_file()
+
+
+def test_full_fine_tuning_run_moves_every_trainable_weight_and_no_frozen_one(tmp_path, memorise_file, tiny_dir):
+    result = run_training(config(tmp_path, memorise_file, tiny_dir, "adapter.method=full",
+                                 "adapter.freeze=[embeddings]", "training.max_steps=2", "training.learning_rate=1e-4"))
+    before = load_file(str(tiny_dir / "model.safetensors"))
+    after = load_file(str(next(result.final_dir.glob("*.safetensors"))))
+    assert before.keys() == after.keys()
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved == set(before) - {"model.embed_tokens.weight"}
+
+
+def test_check_and_train_share_one_seeded_preflight(tmp_path, memorise_file, tiny_dir):
+    """`check` must probe the LoRA initialisation `train` trains: the same seed before apply_adapter."""
+    from h1tune.train.preflight import check_inputs, prepare_model
+
+    cfg = config(tmp_path, memorise_file, tiny_dir)
+    inputs = check_inputs(cfg, show=lambda _: None)
+    first, second = (prepare_model(cfg, inputs, probe=False).model for _ in range(2))
+    a = {n: p for n, p in first.named_parameters() if "lora_A" in n}
+    b = {n: p for n, p in second.named_parameters() if "lora_A" in n}
+    assert a and all(torch.equal(a[n], b[n]) for n in a)

@@ -10,9 +10,8 @@ from h1tune.data import IGNORE_INDEX, prepare_datasets, validate_data
 from h1tune.errors import DataError
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
-REAL_CANDIDATES = [Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real",
-                   Path("/work/shared/data/real")]
-REAL = next((p for p in REAL_CANDIDATES if p.is_dir()), None)
+REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "real"  # ../shared beside the checkout
+REAL = REAL if REAL.is_dir() else None
 needs_real = pytest.mark.skipif(REAL is None, reason="shared/data/real (LLaMA-Factory demo data) is not next to the repo")
 
 

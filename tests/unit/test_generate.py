@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 from pathlib import Path
@@ -36,17 +35,9 @@ def loaded(base_dir):
 
 @pytest.fixture(scope="module")
 def adapter_dir(base_dir) -> Path:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from h1tune.presets import save_fake_adapter
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "in_proj", "down_proj"]))
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
-    out = base_dir.parent / "adapter"
-    peft_model.save_pretrained(out)
-    return out
+    return save_fake_adapter(base_dir, base_dir.parent / "adapter", r=4, targets=["q_proj", "in_proj", "down_proj"])
 
 
 def scripted(lines: list[str]):
@@ -155,7 +146,11 @@ def test_4bit_base_plus_adapter_quantized_as_in_training(base_dir, adapter_dir):
         logits = model(input_ids=prompt).logits
     assert torch.isfinite(logits).all() and logits.abs().max() > 0
     reply = generate_reply(model, tokenizer, [{"role": "user", "content": "Hi"}], SHORT, stream=False)
-    assert isinstance(reply, str)
+    with torch.no_grad():  # the reply is the greedy continuation of the 4-bit model, decoded
+        direct = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                max_new_tokens=SHORT.max_new_tokens, eos_token_id=stop_ids(tokenizer),
+                                pad_token_id=tokenizer.pad_token_id)
+    assert reply == tokenizer.decode(direct[0, prompt.shape[1]:], skip_special_tokens=True)
 
 
 def test_refuses_adapter_with_bypassed_weights(base_dir, adapter_dir):
@@ -166,7 +161,5 @@ def test_refuses_adapter_with_bypassed_weights(base_dir, adapter_dir):
     tensors = load_file(str(foreign / "adapter_model.safetensors"))
     tensors["base_model.model.model.layers.0.mamba.out_proj.lora_A.weight"] = torch.zeros(4, 256)
     save_file(tensors, str(foreign / "adapter_model.safetensors"))
-    config = json.loads((foreign / "adapter_config.json").read_text())
-    (foreign / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(H1tuneError, match="mamba.out_proj"):
         load_for_generation(ModelConfig(name_or_path=str(base_dir), dtype="float32"), str(foreign))

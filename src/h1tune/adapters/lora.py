@@ -10,7 +10,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from h1tune.errors import ConfigError
-from h1tune.policy import SAFE_ALTERNATIVE, _selected, bypassed_reason, spec_matches, target_spelling_problems
+from h1tune.policy import (SAFE_ALTERNATIVE, select_paths, bypassed_reason, never_adapted, spec_matches,
+                           target_spelling_problems)
 
 if TYPE_CHECKING:
     from h1tune.config import AdapterConfig
@@ -34,7 +35,7 @@ def resolve_targets(model: Any, adapter_cfg: "AdapterConfig") -> list[str]:
                 if "matches no Falcon-H1 module" not in p]
     if problems:
         raise ConfigError(problems)
-    selected = _selected(specs, exclude, paths)
+    selected = select_paths(specs, exclude, paths)
     for spec, hits in selected.items():
         if not hits:
             problems.append(f"adapter.target_modules: {spec!r} matches no module of this model (after "
@@ -47,7 +48,7 @@ def resolve_targets(model: Any, adapter_cfg: "AdapterConfig") -> list[str]:
         reason = bypassed_reason(path)
         if reason:
             problems.append(f"adapter.target_modules: selects {path!r}: {reason}; {SAFE_ALTERNATIVE}")
-        elif path.rsplit(".", 1)[-1] == "lm_head":
+        elif never_adapted(path):
             problems.append(f"adapter.target_modules: selects {path!r}; h1tune does not adapt lm_head; remove it")
         elif not isinstance(named[path], torch.nn.Linear):
             problems.append(f"adapter.target_modules: selects {path!r}, a {type(named[path]).__name__}, not a "

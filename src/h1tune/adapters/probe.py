@@ -175,6 +175,49 @@ def _model_inputs(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
     return inputs, labels
 
 
+def _trained_tensors(unit: list, kind: str) -> list:
+    """Every trainable tensor of a unit: LoRA's A and B factors, or a module's own parameters."""
+    return [t for pair in unit[1] for t in pair] if kind == "lora" else unit[1]
+
+
+def _gradient_rows(units: dict, kind: str) -> dict[str, tuple[bool, float]]:
+    """Per unit: did a finite, non-zero gradient reach it, and its norm."""
+    rows = {}
+    for name, unit in units.items():
+        grads = [t.grad for t in _trained_tensors(unit, kind) if t.grad is not None]
+        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads)) if grads else 0.0
+        rows[name] = (bool(grads) and norm > 0 and math.isfinite(norm), norm)
+    return rows
+
+
+def _loss_changes(units: dict, kind: str, loss_now, base: float, *, by_group: bool, scale: float,
+                  seed: int) -> dict[str, float]:
+    """|Δloss| when each unit's lora_B (or weights, full FT) is perturbed; restored bit-exactly after."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    batches: dict[str, list[str]] = {}
+    for name in units:
+        batches.setdefault(param_group(name) if by_group else name, []).append(name)
+    deltas = {}
+    for members in batches.values():
+        targets = [t for n in members for t in
+                   ([pair[0] for pair in units[n][1]] if kind == "lora" else units[n][1])]
+        saved = [t.detach().clone() for t in targets]
+        with torch.no_grad():
+            for t in targets:
+                rms = 1.0 if kind == "lora" else max(float(t.float().pow(2).mean().sqrt()), 1e-2)
+                noise = torch.randn(t.shape, generator=gen, dtype=torch.float32)
+                t.add_((scale * rms * noise).to(device=t.device, dtype=t.dtype))
+            try:
+                changed = abs(float(loss_now(False)) - base)
+            finally:
+                for t, s in zip(targets, saved):
+                    t.copy_(s)
+        deltas.update(dict.fromkeys(members, changed))
+    return deltas
+
+
 def probe_adapters(model: Any, batch: dict[str, Any], *, strict: bool = True, scale: float = 0.25,
                    seed: int = 1234, max_module_forwards: int = MAX_MODULE_FORWARDS) -> ProbeReport:
     """Run one forward/backward on `batch` in training mode and report, per adapter, whether it is live.
@@ -202,72 +245,33 @@ def probe_adapters(model: Any, batch: dict[str, Any], *, strict: bool = True, sc
     params = list(model.parameters())
     saved_grads = [p.grad for p in params]
     saved_modes = {m: m.training for m in model.modules()}
-    hooks, calls = [], {name: 0 for name in units}
+    calls = dict.fromkeys(units, 0)
+    hooks = [unit[0].register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
+             for name, unit in units.items()] if kind == "lora" else []
     cuda = [d for d in {p.device.index for p in params if p.device.type == "cuda"} if d is not None]
+    by_group = len(units) > max_module_forwards
 
-    def count(name):
-        def hook(*_):
-            calls[name] += 1
-        return hook
+    def loss_now(grad: bool) -> torch.Tensor:
+        torch.manual_seed(seed)
+        with torch.set_grad_enabled(grad):  # float64: μP's small lm_head multiplier makes fp32 changes sub-ulp
+            return shifted_cross_entropy(model(**inputs).logits, labels, reduction="mean", dtype=torch.float64)
 
     try:
         with torch.random.fork_rng(devices=cuda):
             for p in params:
                 p.grad = None
             model.train()
-            if kind == "lora":
-                hooks = [unit[0].register_forward_hook(count(name)) for name, unit in units.items()]
-
-            def loss_now(grad: bool) -> torch.Tensor:
-                torch.manual_seed(seed)
-                with torch.set_grad_enabled(grad):
-                    # float64: μP's small lm_head multiplier makes fp32 loss changes sub-ulp
-                    logits = model(**inputs).logits
-                    return shifted_cross_entropy(logits, labels, reduction="mean", dtype=torch.float64)
-
             loss = loss_now(True)
             if loss.requires_grad:
                 loss.backward()
-            train_loss = float(loss.detach())
-            rows_grad = {}
-            for name, unit in units.items():
-                tensors = [t for pair in unit[1] for t in pair] if kind == "lora" else unit[1]
-                grads = [t.grad for t in tensors if t.grad is not None]
-                norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads)) if grads else 0.0
-                rows_grad[name] = (bool(grads) and norm > 0 and math.isfinite(norm), norm)
-            for p in params:
-                p.grad = None
             for h in hooks:
                 h.remove()
-            hooks = []
-
+            grads = _gradient_rows(units, kind)
+            for p in params:
+                p.grad = None
             base = float(loss_now(False))
-            noise = abs(base - train_loss)
-            threshold = max(10 * noise, 1e-9 * max(1.0, abs(base)))
-            gen = torch.Generator().manual_seed(seed)
-            names = list(units)
-            by_group = len(names) > max_module_forwards
-            batches: dict[str, list[str]] = {}
-            for name in names:
-                key = param_group(name) if by_group else name
-                batches.setdefault(key, []).append(name)
-            deltas = {}
-            for members in batches.values():
-                targets = [t for n in members for t in
-                           ([pair[0] for pair in units[n][1]] if kind == "lora" else units[n][1])]
-                saved = [t.detach().clone() for t in targets]
-                with torch.no_grad():
-                    for t in targets:
-                        rms = 1.0 if kind == "lora" else max(float(t.float().pow(2).mean().sqrt()), 1e-2)
-                        noise_t = torch.randn(t.shape, generator=gen, dtype=torch.float32)
-                        t.add_((scale * rms * noise_t).to(device=t.device, dtype=t.dtype))
-                    try:
-                        changed = abs(float(loss_now(False)) - base)
-                    finally:
-                        for t, s in zip(targets, saved):
-                            t.copy_(s)
-                for n in members:
-                    deltas[n] = changed
+            threshold = max(10 * abs(base - float(loss.detach())), 1e-9 * max(1.0, abs(base)))
+            deltas = _loss_changes(units, kind, loss_now, base, by_group=by_group, scale=scale, seed=seed)
     finally:
         for h in hooks:
             h.remove()
@@ -278,12 +282,10 @@ def probe_adapters(model: Any, batch: dict[str, Any], *, strict: bool = True, sc
 
     scope = "group" if by_group else "module"
     rows = [ProbeRow(name=n, group=param_group(n), executed=(calls[n] > 0) if kind == "lora" else None,
-                     grad_reached=rows_grad[n][0], grad_norm=rows_grad[n][1], delta_loss=deltas[n], scope=scope,
-                     threshold=threshold) for n in names]
-    notes = []
-    if by_group:
-        notes.append(f"({len(names)} modules > {max_module_forwards}: |dloss| measured per group; forward and "
-                     "gradient checks are per module)")
+                     grad_reached=grads[n][0], grad_norm=grads[n][1], delta_loss=deltas[n], scope=scope,
+                     threshold=threshold) for n in units]
+    notes = [f"({len(units)} modules > {max_module_forwards}: |dloss| measured per group; forward and gradient "
+             "checks are per module)"] if by_group else []
     report = ProbeReport(rows=rows, loss=base, kind=kind, seconds=time.perf_counter() - start,
                          tokens=int(inputs["input_ids"].numel()), notes=notes)
     if strict:

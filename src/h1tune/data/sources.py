@@ -22,6 +22,7 @@ from typing import Any, Sequence, TypeVar
 
 from h1tune.data.conversation import FORMATS, Conversation, raise_problems
 from h1tune.data.formats import RowError, describe_formats, detect_format, expected_keys, to_conversation
+from h1tune.data.preference import sft_refusal
 from h1tune.errors import DataError
 
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -133,8 +134,9 @@ def looks_local(path: str) -> bool:
     return path.lower().endswith(_LOCAL_LOOKING) or path.startswith((".", "/", "~", "\\"))
 
 
-def read_source(source) -> SourceData:
-    """Read and parse one `DataSourceConfig`; every bad row is reported in one DataError."""
+def source_rows(source) -> tuple[str, list[tuple[Any, int | None]]]:
+    """The name and rows of one `DataSourceConfig` (a local file, else a hub dataset); SFT and
+    preference data read their sources alike."""
     path = Path(source.path).expanduser()
     if path.is_dir():
         raise DataError(f"{source.path}: is a directory; list its data files ({', '.join(FILE_SUFFIXES)}) as sources")
@@ -147,6 +149,15 @@ def read_source(source) -> SourceData:
     name = str(source.path)
     if not rows:
         raise DataError(f"{name}: no rows; the dataset is empty")
+    return name, rows
+
+
+def read_source(source) -> SourceData:
+    """Read and parse one `DataSourceConfig`; every bad row is reported in one DataError."""
+    name, rows = source_rows(source)
+    refusal = sft_refusal(name, rows[0][0])  # preference rows read as SFT would train on the wrong text
+    if refusal:
+        raise DataError(refusal)
 
     fmt = source.format
     if fmt == "auto":

@@ -322,6 +322,15 @@ def merge_adapter(
     notes = [] if tokenizer.chat_template else [
         f"the tokenizer from {source} has no chat template; verified on plain-text prompts"]
 
+    report = _merge_in_workspace(plan, tokenizer, prompts, eos, notes, work_dtype=work_dtype, device_map=device_map,
+                                 merge_into=merge_into, greedy=greedy_tokens, max_shard_size=max_shard_size)
+    log.info("wrote %s", plan.out)
+    return report
+
+
+def _merge_in_workspace(plan: MergePlan, tokenizer, prompts, eos, notes: list[str], *, work_dtype: str, device_map,
+                        merge_into: str, greedy: int, max_shard_size: str) -> MergeReport:
+    """Build the references, write and verify the merge in a temporary sibling, publish it with one rename."""
     plan.out.parent.mkdir(parents=True, exist_ok=True)
     workspace = Path(tempfile.mkdtemp(prefix=f".{plan.out.name}.merging-", dir=plan.out.parent))
     try:
@@ -330,18 +339,17 @@ def merge_adapter(
             adapter_dir = write_filtered_adapter(plan.adapter_dir, plan.bypassed, workspace / "adapter")
             log.info("dropping LoRA weights on %s", ", ".join(f"{len(v)} mamba.{k}" for k, v in plan.bypassed.items()))
         base_cfg = ModelConfig(name_or_path=plan.base_path, dtype=work_dtype)
-        refs = (_plain_references(base_cfg, adapter_dir, device_map, prompts, greedy_tokens, eos)
+        refs = (_plain_references(base_cfg, adapter_dir, device_map, prompts, greedy, eos)
                 if plan.quant == "none" else
-                _qlora_references(plan, base_cfg, adapter_dir, device_map, prompts, greedy_tokens, eos, merge_into))
+                _qlora_references(plan, base_cfg, adapter_dir, device_map, prompts, greedy, eos, merge_into))
         staged = workspace / "model"
         _write_merged(plan, refs.peft_model, tokenizer, staged, max_shard_size)
         refs.peft_model = None
-        report = _verify(plan, refs, staged, work_dtype, device_map, prompts, greedy_tokens, eos, merge_into, notes)
+        report = _verify(plan, refs, staged, work_dtype, device_map, prompts, greedy, eos, merge_into, notes)
         (staged / REPORT_FILE).write_text(json.dumps(report.as_dict(), indent=2))
         publish_dir(staged, plan.out)
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
-    log.info("wrote %s", plan.out)
     return report
 
 

@@ -38,7 +38,7 @@ def trainer_kwargs(cfg: H1tuneConfig, batch_tokens: int, has_eval: bool) -> tupl
         weight_decay=opt["weight_decay"],
         adam_beta1=opt["adam_beta1"],
         adam_beta2=opt["adam_beta2"],
-        num_train_epochs=t.num_train_epochs,
+        num_train_epochs=opt["schedule_epochs"],  # the schedule's length; StopAfterEpochs ends at t.num_train_epochs
         max_steps=t.max_steps,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,

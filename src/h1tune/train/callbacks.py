@@ -63,3 +63,24 @@ class MetricsLog(TrainerCallback):
         record = {"step": state.global_step, "time": time.time(), **logs}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class StopAfterEpochs(TrainerCallback):
+    """End training after `epochs` while the LR schedule was built for more (TII's DPO: a 2-epoch
+    linear decay, stopped after one epoch, worked better than a 1-epoch schedule)."""
+
+    def __init__(self, epochs: float):
+        self.epochs = epochs
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.epoch is not None and state.epoch >= self.epochs - 1e-9:
+            control.should_training_stop = True
+
+
+def schedule_callbacks(cfg, opt: dict) -> list[TrainerCallback]:
+    """[StopAfterEpochs] when the schedule spans more epochs than training runs (and max_steps is unset)."""
+    epochs = cfg.training.num_train_epochs
+    if cfg.training.max_steps > 0 or opt["schedule_epochs"] <= epochs:
+        return []
+    return [StopAfterEpochs(epochs)]
+

@@ -4,6 +4,11 @@
   weight decay, warmup-stable-decay with an exponential decay to η/8 over the last half, and peak
   η = 128e-6 * sqrt(batch_tokens / 1M) ("Adam batch scaling"; μP needs no per-layer rates).
 - `lora`: a conventional LoRA recipe: 2e-4, cosine, 3% warmup, no weight decay.
+- `tii_dpo`: Falcon-H1's DPO stage: TRL's `sigmoid_norm` (length-normalised DPO, TII's `dpo_norm`),
+  β=5, η=5e-6, AdamW (0.9, 0.999), linear decay to zero over a 2-epoch schedule with 10% warmup,
+  stopped after `num_train_epochs` (1): TII found stopping at about one epoch worked best.
+- `dpo`: conventional DPO: sigmoid loss, β=0.1, 5e-6, cosine, 10% warmup (the alignment handbook's
+  LoRA setting). `kto`: TRL's KTO loss with the same optimiser settings.
 """
 
 from __future__ import annotations
@@ -27,12 +32,19 @@ class Recipe:
     weight_decay: float
     adam_beta1: float
     adam_beta2: float
+    beta: float | None = None  # dpo/kto
+    loss_type: str | None = None  # dpo/kto, TRL's name
+    schedule_factor: float = 1.0  # the schedule spans factor * num_train_epochs; training stops at num_train_epochs
 
 
 RECIPES = {
     "tii_sft": Recipe(None, WSD_EXP, 0.02, 0.0, 0.9, 0.95),
     "lora": Recipe(2e-4, "cosine", 0.03, 0.0, 0.9, 0.999),
+    "tii_dpo": Recipe(5e-6, "linear", 0.1, 0.0, 0.9, 0.999, beta=5.0, loss_type="sigmoid_norm", schedule_factor=2.0),
+    "dpo": Recipe(5e-6, "cosine", 0.1, 0.0, 0.9, 0.999, beta=0.1, loss_type="sigmoid"),
+    "kto": Recipe(5e-6, "cosine", 0.1, 0.0, 0.9, 0.999, beta=0.1, loss_type="kto"),
 }
+DEFAULT_RECIPE = {"dpo": "dpo", "kto": "kto"}  # sft: tii_sft for full fine-tuning, else lora
 
 
 def tii_learning_rate(batch_tokens: int) -> float:
@@ -42,9 +54,9 @@ def tii_learning_rate(batch_tokens: int) -> float:
 
 def resolve_optimisation(cfg: H1tuneConfig, batch_tokens: int) -> dict[str, float | str]:
     """The recipe's values with every explicitly set training field taking precedence."""
-    name = cfg.training.recipe or ("tii_sft" if cfg.adapter.method == "full" else "lora")
-    recipe = RECIPES[name]
     t = cfg.training
+    name = t.recipe or DEFAULT_RECIPE.get(t.objective) or ("tii_sft" if cfg.adapter.method == "full" else "lora")
+    recipe = RECIPES[name]
     lr = t.learning_rate or recipe.learning_rate or tii_learning_rate(batch_tokens)
     return {
         "recipe": name,
@@ -54,6 +66,9 @@ def resolve_optimisation(cfg: H1tuneConfig, batch_tokens: int) -> dict[str, floa
         "weight_decay": recipe.weight_decay if t.weight_decay is None else t.weight_decay,
         "adam_beta1": recipe.adam_beta1 if t.adam_beta1 is None else t.adam_beta1,
         "adam_beta2": recipe.adam_beta2 if t.adam_beta2 is None else t.adam_beta2,
+        "beta": recipe.beta if t.beta is None else t.beta,
+        "loss_type": t.loss_type or ([recipe.loss_type] if recipe.loss_type else None),
+        "schedule_epochs": t.schedule_epochs or recipe.schedule_factor * t.num_train_epochs,
     }
 
 

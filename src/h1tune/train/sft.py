@@ -21,7 +21,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from h1tune.config import H1tuneConfig, save_config
 from h1tune.train import run_dir
 from h1tune.train.arguments import trainer_kwargs
-from h1tune.train.callbacks import MetricsLog, ProgressBar
+from h1tune.train.callbacks import MetricsLog, ProgressBar, schedule_callbacks
 from h1tune.train.plots import plot_loss_curve
 from h1tune.train.preflight import check_inputs, prepare_model
 from h1tune.train.trainer import STAGING_DIR, H1Trainer
@@ -61,7 +61,8 @@ def run_training(cfg: H1tuneConfig, overwrite: bool = False, resume: bool = Fals
              opt["adam_beta1"], opt["adam_beta2"], opt["weight_decay"])
     trainer = H1Trainer(model=model, args=args, train_dataset=batches.train, eval_dataset=batches.eval,
                         data_collator=batches.collator, processing_class=tokenizer,
-                        callbacks=[ProgressBar(), MetricsLog(cfg.output_dir), *(callbacks or [])],
+                        callbacks=[ProgressBar(), MetricsLog(cfg.output_dir), *schedule_callbacks(cfg, opt),
+                                   *(callbacks or [])],
                         wsd_exponential=opt["wsd_exponential"])
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)

@@ -17,14 +17,14 @@ from h1tune.errors import H1tuneError
 from h1tune.train import recipes, run_dir
 from h1tune.train.loss import shifted_cross_entropy, token_loss_sum
 
-__all__ = ["H1Trainer", "STAGING_DIR", "shifted_cross_entropy", "token_loss_sum"]
+__all__ = ["H1Trainer", "H1TrainerMixin", "STAGING_DIR", "shifted_cross_entropy", "token_loss_sum"]
 
 STAGING_DIR = ".staging"
 
 
-class H1Trainer(Trainer):
-    """The HF Trainer with h1tune's NaN stop, token-weighted evaluation, WSD-exponential schedule,
-    and atomic checkpoints."""
+class H1TrainerMixin:
+    """What every h1tune trainer adds to a Trainer (the HF one, or TRL's DPO/KTO trainers, which
+    subclass it): the NaN stop, the WSD-exponential schedule and atomic checkpoints."""
 
     def __init__(self, *args, wsd_exponential: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -44,6 +44,26 @@ class H1Trainer(Trainer):
                 optimizer or self.optimizer, self.args.get_warmup_steps(num_training_steps), num_training_steps)
             self._created_lr_scheduler = True
         return super().create_scheduler(num_training_steps, optimizer)
+
+    def _save_checkpoint(self, model, trial):
+        """Write the checkpoint into a staging dir, then publish it with a marker and one rename."""
+        root = Path(self.args.output_dir)
+        staging_root = root / STAGING_DIR
+        shutil.rmtree(staging_root, ignore_errors=True)
+        keep = self.args.save_total_limit
+        self.args.output_dir, self.args.save_total_limit = str(staging_root), None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir, self.args.save_total_limit = str(root), keep
+        name = f"checkpoint-{self.state.global_step}"
+        run_dir.publish_checkpoint(staging_root / name, root / name)
+        shutil.rmtree(staging_root, ignore_errors=True)
+        run_dir.rotate_checkpoints(root, keep)
+
+
+class H1Trainer(H1TrainerMixin, Trainer):
+    """The HF Trainer with h1tune's guarantees (H1TrainerMixin) and a token-weighted evaluation."""
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """Loss summed over every labelled token of the eval set, divided once: independent of batch
@@ -68,19 +88,3 @@ class H1Trainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
-
-    def _save_checkpoint(self, model, trial):
-        """Write the checkpoint into a staging dir, then publish it with a marker and one rename."""
-        root = Path(self.args.output_dir)
-        staging_root = root / STAGING_DIR
-        shutil.rmtree(staging_root, ignore_errors=True)
-        keep = self.args.save_total_limit
-        self.args.output_dir, self.args.save_total_limit = str(staging_root), None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.output_dir, self.args.save_total_limit = str(root), keep
-        name = f"checkpoint-{self.state.global_step}"
-        run_dir.publish_checkpoint(staging_root / name, root / name)
-        shutil.rmtree(staging_root, ignore_errors=True)
-        run_dir.rotate_checkpoints(root, keep)

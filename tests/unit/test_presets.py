@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from h1tune.presets import build_model, build_tokenizer, init_model
+from h1tune.presets import PRESET_BUILD, build_model, build_tokenizer, init_model
 
 
 def test_tiny_forward_backward_runs_and_is_deterministic():
@@ -42,7 +42,7 @@ def test_save_load_round_trip_gives_identical_logits(tiny_dir):
     ids = torch.randint(10, 1000, (1, 40))
     with torch.no_grad():
         assert torch.equal(built(ids).logits, loaded(ids).logits)
-    assert json.loads((tiny_dir / "h1tune_preset.json").read_text()) == {"preset": "tiny", "seed": 0, "build": 2}
+    assert json.loads((tiny_dir / "h1tune_preset.json").read_text()) == {"preset": "tiny", "seed": 0, "build": PRESET_BUILD}
     assert list(tiny_dir.glob("*.safetensors"))
 
 
@@ -96,6 +96,6 @@ def test_cached_preset_is_rebuilt_when_built_by_older_code(tmp_path, monkeypatch
     monkeypatch.setenv("H1TUNE_CACHE", str(tmp_path))
     path = tiny.cached_preset("tiny")
     marker = path / "h1tune_preset.json"
-    marker.write_text(json.dumps({"preset": "tiny", "seed": 0, "build": 1}))
+    marker.write_text(json.dumps({"preset": "tiny", "seed": 0, "build": tiny.PRESET_BUILD - 1}))
     assert tiny.cached_preset("tiny") == path
     assert json.loads(marker.read_text())["build"] == tiny.PRESET_BUILD
