@@ -44,6 +44,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
                    help="load the base quantized (out_proj and lm_head whole); default: as the adapter's run "
                    "trained it (read from its config.yaml), else unquantized")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--tools", metavar="FILE", help="JSON file of tool signatures (a list, as in the training "
+                   "data's `tools`), rendered into the system turn so a tool-calling fine-tune can be tried")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -56,10 +58,10 @@ def _add_eval_parser(sub) -> None:
     p = sub.add_parser(
         "eval", help="held-out loss and perplexity, samples and lm-eval tasks; several models side by side",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Did the fine-tune help? Token-weighted loss and perplexity on held-out data (the assistant "
-        "tokens, as training scores them), generations on a prompts file, and lm-evaluation-harness tasks, "
+        description="Did the fine-tune help? Token-weighted loss and perplexity on held-out data (the assistant\n"
+        "tokens, as training scores them), generations on a prompts file, and lm-evaluation-harness tasks,\n"
         "for one or more models, printed as one table (a column per model).\n\n"
-        "A MODEL is a preset, hub id or model directory (merged or fully fine-tuned), an adapter directory "
+        "A MODEL is a preset, hub id or model directory (merged or fully fine-tuned), an adapter directory\n"
         "(base + adapter; a QLoRA adapter on the 4-bit base it trained on), or a run directory (its final/).",
         epilog="examples:\n"
         "  h1tune eval tiny runs/sft --data heldout.jsonl --output eval.json\n"
@@ -103,16 +105,31 @@ def _add_train_parser(sub) -> None:
                        "resume. Writes the adapter (PEFT format) or full model to OUTPUT_DIR/final.")
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an output_dir that holds another run")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the last complete checkpoint (automatic when the config is unchanged)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue from the last complete checkpoint (automatic when the config is unchanged), or "
+                   "from CHECKPOINT (e.g. checkpoint-200); also continues a run whose config changed")
 
 
 def _add_check_parser(sub) -> None:
     p = sub.add_parser("check", help="validate config, data, chat template and adapters without training",
                        description="Validate the config, the data files and the chat template, load the model, "
-                       "apply the adapter and run the adapter probe on a real batch. Exits non-zero on any "
-                       "problem.")
+                       "apply the adapter and run the adapter probe on a real batch (unless adapter.probe: "
+                       "false). Writes nothing. Exits non-zero on any problem.")
     _add_config_args(p)
+    p.add_argument("--show-example", type=int, default=0, metavar="N",
+                   help="print the first N training examples as rendered, trained tokens between [[ and ]]")
+    p.add_argument("--probe-table", action="store_true", help="the probe's row per module, not a line per group")
+
+
+def _add_init_config_parser(sub) -> None:
+    p = sub.add_parser("init-config", help="write a commented config with every key and its default",
+                       description="Write a complete h1tune YAML config: every key at its default, with a comment "
+                       "saying what it does and its choices (the same as docs/config-reference.md). Edit the data "
+                       "paths and model, then `h1tune check` it.")
+    p.add_argument("out", nargs="?", default="-", help="file to write (default: standard output)")
+    p.add_argument("--objective", default="sft", choices=["sft", "dpo", "kto"],
+                   help="sft (default), dpo (preference pairs) or kto (labelled completions)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
 
 def _add_init_model_parser(sub) -> None:
@@ -182,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train_parser(sub)
     _add_check_parser(sub)
+    _add_init_config_parser(sub)
     _add_init_model_parser(sub)
     _add_generate_parser(sub)
     _add_chat_parser(sub)
@@ -197,9 +215,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from h1tune.train.sft import run_training
 
-    result = run_training(cfg, overwrite=args.overwrite, resume=args.resume)
-    print(f"done: {result.steps} steps, train loss {result.train_loss:.4f}" if result.train_loss is not None
-          else f"done: {result.steps} steps")
+    try:
+        result = run_training(cfg, overwrite=args.overwrite, resume=args.resume)
+    except KeyboardInterrupt:
+        from h1tune.train.run_dir import complete_checkpoints
+
+        last = complete_checkpoints(cfg.output_dir)
+        print(f"interrupted; rerun the same command to resume from {last[-1]}" if last else
+              "interrupted before the first complete checkpoint; rerun the same command to start again",
+              file=sys.stderr)
+        return 130
+    if result.train_loss is not None:
+        part = (f" (steps {result.resumed_from_step + 1}-{result.steps}, resumed from step {result.resumed_from_step})"
+                if result.resumed_from_step else "")
+        print(f"done: {result.steps} steps, train loss {result.train_loss:.4f}{part}")
+    else:
+        print(f"done: {result.steps} steps")
     if result.eval_metrics:
         print(f"eval loss {result.eval_metrics['eval_loss']:.4f}, perplexity {result.eval_metrics['eval_perplexity']:.2f}")
     print(f"saved to {result.final_dir}" + (f"; loss curve {result.loss_curve}" if result.loss_curve else ""))
@@ -213,8 +244,27 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from h1tune.train.preflight import run_check
 
-    run_check(cfg)
+    run_check(cfg, probe_table=args.probe_table, show_examples=args.show_example)
     print("check passed")
+    return 0
+
+
+@command("init-config")
+def cmd_init_config(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from h1tune.config_reference import commented_yaml
+
+    text = commented_yaml(args.objective)
+    if args.out == "-":
+        sys.stdout.write(text)
+        return 0
+    if Path(args.out).exists() and not args.overwrite:
+        raise H1tuneError(f"{args.out} exists; choose another file or pass --overwrite")
+    from h1tune.atomic import write_text_atomic
+
+    write_text_atomic(args.out, text)
+    print(f"wrote {args.out}; set data.train and model.name_or_path, then `h1tune check {args.out}`")
     return 0
 
 
@@ -225,6 +275,12 @@ def cmd_init_model(args: argparse.Namespace) -> int:
     path = init_model(args.out_dir, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote Falcon-H1 preset {args.preset!r} (seed {args.seed}) to {path}")
     return 0
+
+
+def _read_tools(path: str | None) -> list[dict] | None:
+    from h1tune.generate import read_tools
+
+    return read_tools(path) if path else None
 
 
 def _load_for_chat(args: argparse.Namespace):
@@ -245,7 +301,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer, sampling = _load_for_chat(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}]
-    generate_reply(model, tokenizer, messages, sampling, stream=True)
+    generate_reply(model, tokenizer, messages, sampling, stream=True, tools=_read_tools(args.tools))
     print()
     return 0
 
@@ -255,7 +311,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from h1tune.generate import chat_loop
 
     model, tokenizer, sampling = _load_for_chat(args)
-    chat_loop(model, tokenizer, sampling, system=args.system)
+    chat_loop(model, tokenizer, sampling, system=args.system, tools=_read_tools(args.tools))
     return 0
 
 
@@ -293,12 +349,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (a handler bound at first use would keep a closed stream
+    when main() runs several times in one process, as in tests or notebooks)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logger = logging.getLogger("h1tune")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("h1tune: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)

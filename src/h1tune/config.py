@@ -9,6 +9,7 @@ This module must not import torch: `h1tune --help` and `h1tune check` stay insta
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -27,6 +28,9 @@ DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completio
 # Preference formats (DPO pairs, then KTO's unpaired rows), in detection order: h1tune.data.preference.
 PreferenceFormat = Literal["sharegpt_ranking", "preference", "kto_sharegpt", "kto_messages", "kto_prompt_completion"]
 Objective = Literal["sft", "dpo", "kto"]
+# How several processes share a run (h1tune.train.strategies): none (one process, or plain DDP under a
+# launcher), ddp, fsdp (FSDP2), or DeepSpeed ZeRO stage 2 / 3.
+Distributed = Literal["none", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"]
 # TRL 1.16's loss names (DPOConfig.loss_type / KTOConfig.loss_type); a test checks them against TRL.
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -133,6 +137,8 @@ class TrainingConfig(_Section):
     save_total_limit: int | None = Field(3, gt=0)
     seed: int = 42
     gradient_checkpointing: bool = False
+    distributed: Distributed = Field("none", description="with `h1tune train --nproc N`: ddp, fsdp (FSDP2, sharded), "
+                                     "deepspeed_zero2 or deepspeed_zero3; see docs/distributed.md")
     report_to: list[str] = Field(default_factory=lambda: ["auto"], description="'auto' = tensorboard when installed")
 
     @field_validator("loss_type", mode="before")
@@ -157,7 +163,9 @@ def _describe(error: dict[str, Any]) -> str:
     kind, ctx, got = error["type"], error.get("ctx", {}), error.get("input")
     if kind == "extra_forbidden":
         valid = _valid_keys(error["loc"][:-1])
-        return f"{path}: unknown key; valid keys here: {', '.join(valid)}"
+        close = difflib.get_close_matches(str(error["loc"][-1]), valid, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"{path}: unknown key; {hint}valid keys here: {', '.join(valid)}"
     if kind == "missing":
         return f"{path}: required"
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
@@ -197,7 +205,7 @@ def _cross_checks(cfg: H1tuneConfig) -> list[str]:
     if cfg.adapter.method == "lora":
         problems += [f"adapter.target_modules: {p}" for p in
                      target_spelling_problems(cfg.adapter.target_modules, cfg.adapter.exclude_modules)]
-    return problems + _objective_checks(cfg)
+    return problems + _objective_checks(cfg) + _distributed_checks(cfg)
 
 
 _OBJECTIVE_RECIPES = {"sft": ("lora", "tii_sft"), "dpo": ("tii_dpo", "dpo"), "kto": ("kto",)}
@@ -224,10 +232,27 @@ def _objective_checks(cfg: H1tuneConfig) -> list[str]:
     if t.schedule_epochs is not None and t.schedule_epochs < t.num_train_epochs:
         problems.append(f"training.schedule_epochs: {t.schedule_epochs:g} is shorter than training.num_train_epochs "
                         f"({t.num_train_epochs:g}); the schedule must cover the epochs trained")
+    if t.objective == "kto" and "kto" in (t.loss_type or ["kto"]) and t.per_device_train_batch_size < 2:
+        problems.append("training.per_device_train_batch_size: KTO estimates its KL term from the other completions "
+                        "of the batch, so it needs at least 2 (or training.loss_type: apo_zero_unpaired)")
     if t.objective == "kto" and cfg.data.packing:
         problems.append("data.packing: not supported with objective kto yet (its KL term pairs completions across "
                         "the batch); set data.packing: false")
     return problems
+
+
+def _distributed_checks(cfg: H1tuneConfig) -> list[str]:
+    """Strategy and quantization pairs that cannot shard, each with what to choose instead."""
+    strategy, quant = cfg.training.distributed, cfg.model.quantization
+    if quant == "8bit" and strategy not in ("none", "ddp"):
+        return [f"training.distributed: {strategy!r} cannot run model.quantization: '8bit' (bitsandbytes' int8 "
+                "weights are integer tensors that FSDP and ZeRO cannot shard, and DeepSpeed's engine with them is "
+                "untested); use model.quantization: 4bit (QLoRA shards under fsdp) or training.distributed: ddp"]
+    if quant == "4bit" and strategy == "deepspeed_zero3":
+        return ["training.distributed: 'deepspeed_zero3' with model.quantization: '4bit' is not supported (ZeRO-3 "
+                "would have to build the 4-bit model inside deepspeed.zero.Init, which h1tune does not do); use "
+                "training.distributed: fsdp (QLoRA with FSDP2) or deepspeed_zero2"]
+    return []
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, raw: str, problems: list[str]) -> None:
@@ -309,25 +334,68 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Data paths in a YAML file are relative to that file, so a config works from any directory."""
+    """One rule: a relative path written in a config file is relative to that file's folder.
+
+    So a config works from any directory. Data sources and model names that are not local paths
+    (hub ids such as `tatsu-lab/alpaca`, presets such as `tiny`) are left as they are; paths given
+    with `--set` are typed in a shell and so are relative to the current directory.
+    """
     data = tree.get("data")
-    if not isinstance(data, dict):
-        return tree
-    for split in ("train", "eval"):
-        sources = _as_sources(data.get(split))
-        if not isinstance(sources, list):
-            continue
-        for source in sources:
-            if isinstance(source, dict) and isinstance(source.get("path"), str):
-                candidate = base / source["path"]
-                if not Path(source["path"]).is_absolute() and candidate.exists():
-                    source["path"] = str(candidate)
-        data[split] = sources
+    if isinstance(data, dict):
+        for split in ("train", "eval"):
+            sources = _as_sources(data.get(split))
+            if not isinstance(sources, list):
+                continue
+            for source in sources:
+                if isinstance(source, dict) and isinstance(source.get("path"), str):
+                    source["path"] = _relative_to(base, source["path"], only_if_exists=not _looks_local(source["path"]))
+            data[split] = sources
+    if isinstance(tree.get("output_dir"), str):
+        tree["output_dir"] = _relative_to(base, tree["output_dir"], only_if_exists=False)
+    model = tree.get("model")
+    if isinstance(model, dict):
+        for key in ("name_or_path", "adapter"):
+            if isinstance(model.get(key), str):
+                model[key] = _relative_to(base, model[key], only_if_exists=True)
     return tree
+
+
+_LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt")
+
+
+def _looks_local(path: str) -> bool:
+    return path.lower().endswith(_LOCAL_SUFFIXES) or path.startswith((".", "/", "~"))
+
+
+def _relative_to(base: Path, path: str, only_if_exists: bool) -> str:
+    """`path` joined to `base` when relative (and, if asked, only when that exists)."""
+    expanded = Path(path).expanduser()
+    if expanded.is_absolute():
+        return str(expanded)
+    candidate = base / expanded
+    return str(candidate) if candidate.exists() or not only_if_exists else path
+
+
+def absolute_paths(cfg: H1tuneConfig) -> H1tuneConfig:
+    """The config with every local path absolute (the current directory resolves `--set` paths),
+    so a saved config means the same run from any directory and on resume."""
+    def local(path: str) -> str:
+        expanded = Path(path).expanduser()
+        return str(expanded.resolve()) if expanded.exists() or _looks_local(path) else path
+
+    tree = cfg.model_dump(mode="json")
+    for split in ("train", "eval"):
+        for source in tree["data"][split]:
+            source["path"] = local(source["path"])
+    tree["output_dir"] = str(Path(tree["output_dir"]).expanduser().resolve())
+    for key in ("name_or_path", "adapter"):
+        if isinstance(tree["model"].get(key), str):
+            tree["model"][key] = local(tree["model"][key])
+    return H1tuneConfig.model_validate(tree)
 
 
 def save_config(cfg: H1tuneConfig, path: str | Path) -> Path:
     """Write the resolved config beside a run, so the run can be reproduced from it alone."""
     from h1tune.atomic import write_text_atomic
 
-    return write_text_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return write_text_atomic(path, yaml.safe_dump(absolute_paths(cfg).model_dump(mode="json"), sort_keys=False))

@@ -62,9 +62,13 @@ def load_for_generation(model_cfg: ModelConfig, adapter: str | None = None, quan
     if adapter is None and checkpoint.is_adapter_dir(model_cfg.name_or_path):
         adapter = model_cfg.name_or_path
         model_cfg = model_cfg.model_copy(update={"name_or_path": checkpoint.adapter_base(adapter)})
-    if adapter is not None and quantization is None:
-        trained = checkpoint.run_model_config(Path(adapter))  # a QLoRA adapter runs on the 4-bit base it trained on
-        if trained is not None and trained.quantization != "none":
+    if adapter is not None:
+        adapter = str(checkpoint.find_adapter_dir(adapter) or adapter)  # a run directory means its final/
+    trained = checkpoint.run_model_config(Path(adapter)) if adapter is not None else None
+    if trained is not None:  # a preset base is rebuilt with the seed the run used
+        model_cfg = model_cfg.model_copy(update={"seed": trained.seed})
+    if trained is not None and quantization is None:  # a QLoRA adapter runs on the 4-bit base it trained on
+        if trained.quantization != "none":
             quantization = trained.quantization
             model_cfg = model_cfg.model_copy(update={"llm_int8_skip_modules": trained.llm_int8_skip_modules})
     if quantization is not None:
@@ -81,6 +85,29 @@ def load_for_generation(model_cfg: ModelConfig, adapter: str | None = None, quan
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return model, tokenizer
+
+
+def read_tools(path: str | Path) -> list[dict]:
+    """Tool signatures from a JSON file: a list of {"name", "description", "parameters"} objects (or
+    OpenAI-style {"type": "function", "function": {...}}), as the training data's `tools` field."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise H1tuneError(f"--tools: {str(path)!r} does not exist; give a JSON file with a list of tool signatures")
+    try:
+        tools = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise H1tuneError(f"--tools: {path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise H1tuneError(f"--tools: {path} must hold a JSON list of tool objects")
+    bad = [i for i, t in enumerate(tools) if "name" not in t and "name" not in t.get("function", {})]
+    if bad:
+        raise H1tuneError(f"--tools: {path} tool {bad[0] + 1} has no `name` (expected {{\"name\": ..., "
+                          "\"description\": ..., \"parameters\": {...}}})")
+    return tools
 
 
 def _streamer(tokenizer, output: TextIO):

@@ -8,8 +8,10 @@ matmul measured ~100x slower than fp32 (0.3-0.8 vs 70-107 GFLOP/s).
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +30,57 @@ def resolve_model_path(name_or_path: str, seed: int = 0) -> str:
     """An embedded preset name becomes its cached directory; anything else is passed through."""
     if name_or_path in PRESETS:
         return str(cached_preset(name_or_path, seed=seed))
+    source_problem = model_source_problem(name_or_path)
+    if source_problem:
+        raise H1tuneError(f"model.name_or_path: {source_problem}")
     return name_or_path
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def model_source_problem(name: str) -> str | None:
+    """Why `name` is neither a preset, an existing directory nor a hub id (`org/name`), or None.
+
+    Without this, a missing local directory reads as a malformed hub id and a misspelled preset
+    (`tinyy`) goes to the network.
+    """
+    if name in PRESETS or Path(name).expanduser().is_dir():
+        return None
+    # `runs/sft` when ./runs exists is a directory that is missing, not a hub id
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or (
+        "/" in name and Path(name).parent.is_dir())
+    if looks_like_path:
+        return f"{name!r}: no such directory (cwd: {Path.cwd()})"
+    if _HUB_ID.match(name):
+        return None
+    close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.5)
+    hint = f"; did you mean the preset {close[0]!r}?" if close else ""
+    return (f"{name!r} is not a preset ({', '.join(PRESETS)}), a directory, or a hub id like "
+            f"tiiuae/Falcon-H1-0.5B-Instruct{hint}")
+
+
+def read_model_config(cfg: ModelConfig):
+    """The checkpoint's path and config.json, checked without loading weights: Falcon-H1, safetensors
+    present, no unsafe pre-quantization. Cheap, so a run calls it before it claims a directory."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(cfg.name_or_path, cfg.seed)
+    try:
+        hf_config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise H1tuneError(f"model.name_or_path: cannot load {path!r} ({exc}). Give a hub id, a local "
+                          f"directory with config.json, or a preset ({', '.join(PRESETS)})") from None
+    if hf_config.model_type != "falcon_h1":
+        raise H1tuneError(f"model.name_or_path: {path!r} is a {hf_config.model_type!r} model; h1tune fine-tunes "
+                          "Falcon-H1 (model_type falcon_h1) only")
+    if Path(path).is_dir() and cfg.use_safetensors and not any(Path(path).glob("*.safetensors")):
+        raise H1tuneError(f"model.name_or_path: {path!r} has no .safetensors weights; pickled weights can run "
+                          "code when loaded. Convert them, or set model.use_safetensors: false if you trust them")
+    problems = checkpoint_quantization_problems(hf_config)
+    if problems:
+        raise ConfigError(problems)
+    return path, hf_config
 
 
 def dtype_name(dtype: str) -> str:
@@ -144,24 +196,10 @@ def load_tokenizer(cfg: ModelConfig):
 def load_model(cfg: ModelConfig, device_map: str | None = None, announce: bool = True):
     """Load `FalconH1ForCausalLM` per the config; quantized when `model.quantization` is set."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(cfg.name_or_path, cfg.seed)
+    path, _ = read_model_config(cfg)
     dtype = resolve_dtype(cfg.dtype)
-    try:
-        hf_config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise H1tuneError(f"model.name_or_path: cannot load {path!r} ({exc}). Give a hub id, a local "
-                          f"directory with config.json, or a preset ({', '.join(PRESETS)})") from None
-    if hf_config.model_type != "falcon_h1":
-        raise H1tuneError(f"model.name_or_path: {path!r} is a {hf_config.model_type!r} model; h1tune fine-tunes "
-                          "Falcon-H1 (model_type falcon_h1) only")
-    if Path(path).is_dir() and cfg.use_safetensors and not any(Path(path).glob("*.safetensors")):
-        raise H1tuneError(f"model.name_or_path: {path!r} has no .safetensors weights; pickled weights can run "
-                          "code when loaded. Convert them, or set model.use_safetensors: false if you trust them")
-    problems = checkpoint_quantization_problems(hf_config)
-    if problems:
-        raise ConfigError(problems)
     use_h1tune_mamba_kernels()
     bnb = quantization_config(cfg, dtype)
     if bnb is not None and device_map is None:

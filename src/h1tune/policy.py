@@ -36,6 +36,9 @@ BYPASSED_MODULES = {
 # (a packed 4-bit tensor would be garbage there), and passing any skip list to transformers
 # *replaces* its default list, which is what kept lm_head unquantized.
 ALWAYS_UNQUANTIZED = ("out_proj", "lm_head")
+# The unit FSDP wraps and shards (and transformers' _no_split_modules): one hybrid attention+Mamba+MLP
+# layer. The shipped accelerate config fsdp.yaml names it; a test keeps the two equal.
+DECODER_LAYER_CLASS = "FalconH1DecoderLayer"
 SAFE_ALTERNATIVE = "remove it (default targets: attention, mamba in_proj, mlp; `all-linear` gives the same safe set)"
 
 # Spellings people try for "everything"; none is ours, each gets a pointer to the safe one.

@@ -6,7 +6,9 @@ import sys
 import pytest
 import yaml
 
-from h1tune.config import H1tuneConfig, load_config, save_config
+from pathlib import Path
+
+from h1tune.config import H1tuneConfig, absolute_paths, load_config, save_config
 from h1tune.errors import ConfigError
 
 
@@ -90,11 +92,47 @@ def test_save_config_round_trips(tmp_path):
     cfg = load_config(None, ["training.learning_rate=3e-4", "output_dir=somewhere"])
     saved = save_config(cfg, tmp_path / "run" / "config.yaml")
     again = load_config(saved)
-    assert again == cfg
-    assert isinstance(again, H1tuneConfig)
+    assert again == absolute_paths(cfg)  # saved with absolute paths: it means the same from anywhere
+    assert again.output_dir == str(Path.cwd() / "somewhere") and again.training.learning_rate == 3e-4
 
 
 def test_importing_config_does_not_import_torch():
     code = "import sys, h1tune.config as c; c.load_config(None); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_unknown_key_suggests_the_closest_valid_one():
+    from h1tune.config import config_from_dict
+
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"data": {"max_lenght": 512}, "training": {"learning_rte": 1e-4}})
+    text = str(err.value)
+    assert "data.max_lenght: unknown key; did you mean 'max_length'?" in text
+    assert "training.learning_rte: unknown key; did you mean 'learning_rate'?" in text
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo", "kto"])
+def test_init_config_writes_every_key_and_loads_for_each_objective(objective, tmp_path):
+    from h1tune.cli import main
+    from h1tune.config import H1tuneConfig
+
+    out = tmp_path / f"{objective}.yaml"
+    assert main(["init-config", str(out), "--objective", objective]) == 0
+    cfg = load_config(out)
+    assert cfg.training.objective == objective
+    text = out.read_text()
+    for section, field in H1tuneConfig.model_fields.items():
+        keys = getattr(field.annotation, "model_fields", {})
+        assert all(f"\n  {key}:" in text for key in keys), section
+    assert "# one of: none, 4bit, 8bit" in text and "LoRA rank" in text
+    assert main(["init-config", str(out)]) == 2  # never overwrites silently
+
+
+def test_config_reference_doc_is_generated_from_the_schema():
+    from pathlib import Path
+
+    from h1tune.config_reference import reference_table
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "config-reference.md"
+    assert doc.read_text() == reference_table(), "regenerate: python -m h1tune.config_reference > docs/config-reference.md"

@@ -136,3 +136,37 @@ def test_real_alpaca_file_loads_and_summarises(tiny_tokenizer):
     assert summary.rows == 999 and dict(summary.train.formats) == {"alpaca": 999}
     assert summary.train.examples == 999 and 0 < summary.train.trainable_tokens < summary.train.tokens
     assert "alpaca_en_demo.json  [alpaca]  999 rows" in summary.format()
+
+
+def test_keys_the_format_does_not_read_are_warned_with_counts(tmp_path, tiny_tokenizer, caplog):
+    rows = [{"instruction": "Say hi", "output": "hi", "chosen": "hi", "id": i} for i in range(3)]
+    rows[0].pop("chosen")
+    (tmp_path / "extra.json").write_text(json.dumps(rows))
+    with caplog.at_level("WARNING", logger="h1tune"):
+        prepared = prepare_datasets(DataConfig(train=[str(tmp_path / "extra.json")], max_length=64), tiny_tokenizer, 0)
+    assert "format 'alpaca' does not use 'id' (3 rows), 'chosen' (2 rows)" in caplog.text
+    assert "ignored keys (not read by this format): 'id' in 3 rows, 'chosen' in 2 rows" in prepared.summary.format()
+
+
+def test_long_text_documents_are_split_into_max_length_pieces(tmp_path, tiny_tokenizer):
+    document = " ".join(f"word{i}" for i in range(400))
+    (tmp_path / "text.jsonl").write_text(json.dumps({"text": document}) + "\n")
+    prepared = prepare_datasets(DataConfig(train=[str(tmp_path / "text.jsonl")], max_length=64), tiny_tokenizer, 0)
+    whole = tiny_tokenizer(document, add_special_tokens=False)["input_ids"]
+    pieces = [e["input_ids"] for e in prepared.train]
+    assert len(pieces) > 2 and all(len(p) <= 64 for p in pieces)
+    joined = [t for p in pieces for t in p]
+    assert joined[1:1 + len(whole)] == whole  # every token kept, in order (after BOS)
+    text = prepared.summary.format()
+    assert "documents" in text and "trainable tokens (all tokens)" in text and "extra pieces" in text
+    assert prepared.summary.train.truncated == 0
+
+
+def test_invalid_json_line_reads_cleanly(tmp_path):
+    from h1tune.data.sources import read_rows
+
+    (tmp_path / "bad.jsonl").write_text('{"text": "unterminated}\n')
+    with pytest.raises(DataError) as err:
+        read_rows(tmp_path / "bad.jsonl")
+    assert "bad.jsonl:1: not valid JSON (Unterminated string starting at, column" in str(err.value)
+    assert "at at" not in str(err.value)

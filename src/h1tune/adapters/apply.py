@@ -38,6 +38,12 @@ def apply_adapter(model: Any, cfg: "H1tuneConfig") -> Any:
         log.info("full fine-tuning, %d parameter tensors frozen (%s)\n%s", len(frozen),
                  ", ".join(adapter.freeze) or "none", summarize_trainable(model))
         return model
+    if cfg.model.adapter:  # an SFT run's adapter keeps training (adapters/continued.py)
+        from h1tune.adapters.continued import load_trainable_adapter
+
+        peft_model = load_trainable_adapter(model, cfg, quantized=_is_quantized(model))
+        log.info("%s", summarize_trainable(peft_model))
+        return peft_model
     from peft import get_peft_model
 
     names = resolve_targets(model, adapter)

@@ -26,14 +26,41 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RUN_CONFIG = "config.yaml"  # h1tune's resolved run config, saved beside the adapter (or one level up)
 
 
+RUN_FINAL_DIR = "final"  # a run directory's adapter (h1tune.train.run_dir.FINAL_DIR)
+
+
+def find_adapter_dir(path: str | Path) -> Path | None:
+    """The adapter directory `path` means: itself, or a run directory's final/ (so a run directory is
+    accepted wherever an adapter directory is); None when it holds no adapter."""
+    path = Path(path)
+    for candidate in (path, path / RUN_FINAL_DIR):
+        if (candidate / ADAPTER_CONFIG).is_file():
+            return candidate
+    return None
+
+
 def is_adapter_dir(path: str | Path) -> bool:
-    """Does `path` hold a peft adapter (rather than a model or a hub id)?"""
-    return (Path(path) / ADAPTER_CONFIG).is_file()
+    """Does `path` hold a peft adapter, or is it a run directory whose final/ does?"""
+    return find_adapter_dir(path) is not None
+
+
+def record_base(adapter_dir: Path, base: str) -> None:
+    """Write a base name that resolves on another machine (a preset name, a hub id, or the absolute
+    local directory) into adapter_config.json; peft records the path it loaded from, which for an
+    h1tune preset is a private cache directory."""
+    from h1tune.atomic import write_text_atomic
+
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    if config.get("base_model_name_or_path") != base:
+        log.info("adapter records its base as %r", base)
+        config["base_model_name_or_path"] = base
+        write_text_atomic(adapter_dir / ADAPTER_CONFIG, json.dumps(config, indent=2))
 
 
 def adapter_base(adapter_dir: str | Path) -> str:
     """The base model an adapter was trained on, from its adapter_config.json."""
-    config = read_adapter_config(Path(adapter_dir))
+    adapter_dir = find_adapter_dir(adapter_dir) or Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
     if not config.get("base_model_name_or_path"):
         raise H1tuneError(f"adapter: {Path(adapter_dir) / ADAPTER_CONFIG} names no base_model_name_or_path; pass "
                           "the base model explicitly (--base, or the model and --adapter separately)")
@@ -49,6 +76,7 @@ def tokenizer_source(adapter_dir: str | Path | None, base_path: str) -> str:
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     """adapter_config.json of a peft LoRA adapter saved as safetensors; errors say what is missing."""
+    adapter_dir = find_adapter_dir(adapter_dir) or Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise H1tuneError(f"adapter: {str(adapter_dir)!r} is not a directory; give the folder that holds "
                           f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")

@@ -54,6 +54,14 @@ def expected_keys(fmt: str) -> str:
     return need + (f" (optional: {', '.join(repr(k) for k in optional)})" if optional else "")
 
 
+def unused_keys(row: Any, fmt: str) -> list[str]:
+    """Keys of a row that format `fmt` does not read (they would be silently ignored)."""
+    if not isinstance(row, dict):
+        return []
+    known = set(REQUIRED_KEYS[fmt]) | set(OPTIONAL_KEYS[fmt])
+    return [str(k) for k in row if k not in known]
+
+
 def detect_format(row: Any) -> str | None:
     """The first format whose required keys are all in the row, or None."""
     if not isinstance(row, dict):

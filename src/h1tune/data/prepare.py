@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from h1tune.data.conversation import Conversation
-from h1tune.data.render import encode_conversation, fit_to_length
+from h1tune.data.render import encode_conversation, fit_to_length, split_document
 from h1tune.data.sources import SourceData, apply_weight, read_source
 from h1tune.data.summary import DataSummary, SourceStats, SplitStats
 from h1tune.errors import DataError
@@ -36,17 +36,23 @@ def tokenize_split(conversations: list[Conversation], tokenizer, data_cfg) -> tu
     examples = []
     for conv in conversations:
         stats.formats[conv.format] += 1
-        example, reason = fit_to_length(encode_conversation(conv, tokenizer, data_cfg),
-                                        data_cfg.max_length, data_cfg.truncation)
-        if example is None:
-            stats.dropped[reason] += 1
-            continue
-        examples.append(example.to_dict())
-        stats.examples += 1
-        stats.tokens += example.length
-        stats.trainable_tokens += example.trainable
-        stats.truncated += example.truncated
-        stats.lengths.append(example.length)
+        encoded = encode_conversation(conv, tokenizer, data_cfg)
+        if not conv.is_chat and encoded.length > data_cfg.max_length:
+            pieces = split_document(encoded, data_cfg.max_length)  # text: every token is kept, in pieces
+            stats.split_pieces += len(pieces) - 1
+        else:
+            example, reason = fit_to_length(encoded, data_cfg.max_length, data_cfg.truncation)
+            if example is None:
+                stats.dropped[reason] += 1
+                continue
+            pieces = [example]
+        for example in pieces:
+            examples.append(example.to_dict())
+            stats.examples += 1
+            stats.tokens += example.length
+            stats.trainable_tokens += example.trainable
+            stats.truncated += example.truncated
+            stats.lengths.append(example.length)
     return examples, stats
 
 
@@ -69,6 +75,17 @@ def hold_out(sources: list[SourceData], fraction: float, seed: int) -> tuple[lis
     return train_parts, held
 
 
+def source_stats(split: str, source: SourceData, kept: int) -> SourceStats:
+    """What one source became: its format, its rows with tools / tool calls / tool results, unused keys."""
+    convs = source.conversations
+    return SourceStats(
+        split, source.path, source.format, len(convs), source.weight, kept,
+        tools=sum(1 for c in convs if c.tools),
+        tool_calls=sum(1 for c in convs if any(m.get("tool_calls") for m in c.messages)),
+        tool_results=sum(1 for c in convs if any(m["role"] == "tool" for m in c.messages)),
+        unused_keys=dict(source.unused_keys))
+
+
 def prepare_datasets(data_cfg, tokenizer, seed: int) -> PreparedData:
     """Read, mix, split, tokenize and summarise the `data:` section (a DataConfig)."""
     if not data_cfg.train:
@@ -86,14 +103,12 @@ def prepare_datasets(data_cfg, tokenizer, seed: int) -> PreparedData:
     train_convs: list[Conversation] = []
     for index, (source, part) in enumerate(zip(train_sources, train_parts)):
         mixed = apply_weight(part, source.weight, seed, key=f"train:{index}:{source.path}")
-        stats_rows.append(SourceStats("train", source.path, source.format, len(source.conversations),
-                                      source.weight, len(mixed)))
+        stats_rows.append(source_stats("train", source, len(mixed)))
         train_convs += mixed
     eval_convs = list(held_out)
     for index, source in enumerate(eval_sources):
         mixed = apply_weight(source.conversations, source.weight, seed, key=f"eval:{index}:{source.path}")
-        stats_rows.append(SourceStats("eval", source.path, source.format, len(source.conversations),
-                                      source.weight, len(mixed)))
+        stats_rows.append(source_stats("eval", source, len(mixed)))
         eval_convs += mixed
 
     if not train_convs:

@@ -207,8 +207,37 @@ def fit_to_length(example: TokenizedExample, max_length: int, truncation: str) -
     return cut, None
 
 
+def split_document(example: TokenizedExample, max_length: int) -> list[TokenizedExample]:
+    """A long plain-text document as consecutive pieces of max_length tokens (continued pre-training
+    keeps every token; truncation would throw the rest of each document away)."""
+    return [TokenizedExample(example.input_ids[i:i + max_length], example.labels[i:i + max_length],
+                             original_length=min(max_length, example.length - i))
+            for i in range(0, example.length, max_length) if example.length - i >= 2]  # 1 token predicts nothing
+
+
 def tokenize_conversation(conv: Conversation, tokenizer, data_cfg) -> TokenizedExample | None:
     """Render, tokenize, label and fit one conversation; None when it is dropped (see fit_to_length)."""
     example, _ = fit_to_length(encode_conversation(conv, tokenizer, data_cfg),
                                data_cfg.max_length, data_cfg.truncation)
     return example
+
+
+def mark_trained_tokens(tokenizer, input_ids: list[int], labels: list[int], open_mark: str = "[[",
+                        close_mark: str = "]]") -> str:
+    """The decoded example with every run of trained (labelled) tokens between markers, so a user sees
+    exactly what the loss covers."""
+    pieces, run, trained = [], [], None
+    for token, label in zip(input_ids, labels):
+        is_trained = label != IGNORE_INDEX
+        if trained is not None and is_trained != trained:
+            pieces.append((trained, run))
+            run = []
+        run.append(token)
+        trained = is_trained
+    if run:
+        pieces.append((trained, run))
+    text = ""
+    for is_trained, tokens in pieces:
+        decoded = tokenizer.decode(tokens, skip_special_tokens=False)
+        text += f"{open_mark}{decoded}{close_mark}" if is_trained else decoded
+    return text

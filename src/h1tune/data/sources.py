@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 from h1tune.data.conversation import FORMATS, Conversation, raise_problems
-from h1tune.data.formats import RowError, describe_formats, detect_format, expected_keys, to_conversation
+from h1tune.data.formats import (RowError, describe_formats, detect_format, expected_keys, to_conversation,
+                                 unused_keys)
 from h1tune.data.preference import sft_refusal
 from h1tune.errors import DataError
+
+log = logging.getLogger("h1tune")
 
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 _LOCAL_LOOKING = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".txt", ".arrow")
@@ -39,6 +44,7 @@ class SourceData:
     format: str
     weight: float
     conversations: list[Conversation]
+    unused_keys: Counter = field(default_factory=Counter)  # key the format ignores -> rows that have it
 
 
 def read_rows(path: str | Path) -> list[tuple[Any, int | None]]:
@@ -71,7 +77,7 @@ def _read_jsonl(path: Path, text: str) -> list[tuple[Any, int | None]]:
         try:
             rows.append((json.loads(line), number))
         except json.JSONDecodeError as exc:
-            problems.append(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})")
+            problems.append(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})")
     raise_problems(problems)
     return rows
 
@@ -170,8 +176,9 @@ def read_source(source) -> SourceData:
     if fmt not in FORMATS:
         raise DataError(f"{name}: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
 
-    conversations, problems = [], []
+    conversations, problems, unused = [], [], Counter()
     for number, (row, line) in enumerate(rows, start=1):
+        unused.update(unused_keys(row, fmt))
         try:
             conversations.append(to_conversation(row, fmt, name, number, line))
         except RowError as exc:
@@ -180,7 +187,11 @@ def read_source(source) -> SourceData:
     if problems and not conversations and source.format == "auto":
         problems.append(f"{name}: detected format {fmt!r} (keys {expected_keys(fmt)}) from the first row")
     raise_problems(problems)
-    return SourceData(path=name, format=fmt, weight=source.weight, conversations=conversations)
+    if unused:
+        log.warning("%s: format %r does not use %s; those fields are ignored (set `format:` on this source if "
+                    "the detection is wrong)", name, fmt,
+                    ", ".join(f"{key!r} ({count:,} rows)" for key, count in unused.most_common()))
+    return SourceData(path=name, format=fmt, weight=source.weight, conversations=conversations, unused_keys=unused)
 
 
 def apply_weight(items: Sequence[T], weight: float, seed: int, key: str) -> list[T]:

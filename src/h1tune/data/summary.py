@@ -22,6 +22,10 @@ class SourceStats:
     rows: int
     weight: float
     conversations: int
+    tools: int = 0  # rows that declare tools
+    tool_calls: int = 0  # rows with an assistant tool call
+    tool_results: int = 0  # rows with a tool response turn
+    unused_keys: dict[str, int] = field(default_factory=dict)  # keys the format ignores -> rows
 
 
 @dataclass
@@ -33,6 +37,7 @@ class SplitStats:
     tokens: int = 0
     trainable_tokens: int = 0
     truncated: int = 0
+    split_pieces: int = 0  # extra pieces from plain-text documents longer than max_length
     dropped: Counter = field(default_factory=Counter)  # reason -> count
     lengths: list[int] = field(default_factory=list)
 
@@ -92,21 +97,33 @@ def format_summary(summary: DataSummary) -> str:
     out = ["data sources"]
     for s in summary.sources:
         weight = f"  weight {s.weight:g}" if s.weight != 1.0 else ""
-        out.append(f"  {s.split:<5} {s.path}  [{s.format}]  {s.rows:,} rows{weight} -> {s.conversations:,} conversations")
+        unit = "documents" if s.format == "text" else "conversations"
+        out.append(f"  {s.split:<5} {s.path}  [{s.format}]  {s.rows:,} rows{weight} -> {s.conversations:,} {unit}")
+        if s.tools or s.tool_calls or s.tool_results:
+            out.append(f"        rows with tools {s.tools:,}, with tool calls {s.tool_calls:,}, "
+                       f"with tool responses {s.tool_results:,}")
+        if s.unused_keys:
+            out.append("        ignored keys (not read by this format): "
+                       + ", ".join(f"{k!r} in {n:,} rows" for k, n in s.unused_keys.items()))
     if summary.eval_held_out:
         out.append(f"  eval  {summary.eval_held_out:,} rows held out from train (data.eval_fraction)")
 
     train, ev = summary.train, summary.eval
     formats = sorted(set(train.formats) | set(ev.formats if ev else ()))
     dropped = sorted(set(train.dropped) | set(ev.dropped if ev else ()))
-    loss = "assistant tokens" if summary.assistant_only_loss else "all tokens"
-    rows: list[tuple[str, int | None, int | None]] = [("conversations", train.conversations, ev and ev.conversations)]
+    text_only = formats == ["text"]
+    loss = "all tokens" if text_only or not summary.assistant_only_loss else (
+        "assistant tokens" + (", all text tokens" if "text" in formats else ""))
+    unit = "documents" if text_only else "conversations"
+    rows: list[tuple[str, int | None, int | None]] = [(unit, train.conversations, ev and ev.conversations)]
     rows += [(f"  {f}", train.formats[f], ev and ev.formats[f]) for f in formats]
     rows += [
         ("examples kept", train.examples, ev and ev.examples),
         ("tokens", train.tokens, ev and ev.tokens),
         (f"trainable tokens ({loss})", train.trainable_tokens, ev and ev.trainable_tokens),
         (f"truncated to {summary.max_length:,}", train.truncated, ev and ev.truncated),
+        *([(f"extra pieces (documents split at {summary.max_length:,})", train.split_pieces,
+            ev and ev.split_pieces)] if "text" in formats else []),
         ("dropped", sum(train.dropped.values()), ev and sum(ev.dropped.values())),
     ]
     rows += [(f"  {reason}", train.dropped[reason], ev and ev.dropped[reason]) for reason in dropped]

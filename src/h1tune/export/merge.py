@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from h1tune.adapters.checkpoint import (adapter_base, bypassed_in_adapter, read_adapter_config, refuse_bypassed,
-                                        run_model_config, tokenizer_source, write_filtered_adapter)
+from h1tune.adapters.checkpoint import (adapter_base, bypassed_in_adapter, find_adapter_dir, read_adapter_config,
+                                        refuse_bypassed, run_model_config, tokenizer_source, write_filtered_adapter)
 from h1tune.atomic import publish_dir
 from h1tune.config import ModelConfig, Quantization
 from h1tune.errors import H1tuneError
@@ -170,7 +170,7 @@ def plan_merge(base: str | None, adapter: str, out_dir: str, *, dtype: str, drop
     from h1tune.export.verify import default_tolerance
     from h1tune.model import resolve_model_path
 
-    adapter_dir = Path(adapter)
+    adapter_dir = find_adapter_dir(adapter) or Path(adapter)  # a run directory means its final/
     read_adapter_config(adapter_dir)
     base_name = base or adapter_base(adapter_dir)
     run_cfg = run_model_config(adapter_dir)

@@ -44,3 +44,36 @@ def plot_loss_curve(output_dir: str | Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+REWARDS_CURVE_FILE = "rewards_curve.png"
+
+
+def plot_rewards_curve(output_dir: str | Path) -> Path | None:
+    """DPO/KTO: reward margin and preference accuracy (train and eval) against step; None for SFT runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(output_dir)
+    panels = [("rewards/margins", "reward margin"), ("rewards/accuracies", "preference accuracy")]
+    panels = [(key, label) for key, label in panels if any(key in r or f"eval_{key}" in r for r in records)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for prefix, style in (("", {}), ("eval_", {"marker": "o"})):
+            points = [(r["step"], r[prefix + key]) for r in records if prefix + key in r]
+            if points:
+                ax.plot(*zip(*points), label=f"{prefix.rstrip('_') or 'train'} {label}", **style)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    path = Path(output_dir) / REWARDS_CURVE_FILE
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+

@@ -21,7 +21,7 @@ class Inputs:
     """What can be checked without loading weights."""
 
     tokenizer: Any
-    data: Any  # h1tune.data.PreparedData
+    data: Any  # h1tune.data.PreparedData, or PreparedPreference for dpo/kto
 
 
 @dataclass
@@ -33,15 +33,49 @@ class Ready:
     probe: Any | None  # h1tune.adapters.probe.ProbeReport, None when adapter.probe is off
 
 
+# report_to names -> the module that must be importable (the Trainer fails late, after the probe, otherwise)
+INTEGRATIONS = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                "neptune": "neptune", "clearml": "clearml", "dvclive": "dvclive", "trackio": "trackio"}
+
+
+def check_integrations(report_to: list[str]) -> None:
+    """Every `training.report_to` logger must be installed, checked before anything is written."""
+    import importlib.util
+
+    from h1tune.errors import ConfigError
+
+    problems = []
+    for name in report_to:
+        if name in ("auto", "none", "all"):
+            continue
+        module = INTEGRATIONS.get(name)
+        if module is None:
+            problems.append(f"training.report_to: unknown logger {name!r}; choose from "
+                            f"{', '.join(['auto', 'none', *INTEGRATIONS])}")
+        elif importlib.util.find_spec(module) is None:
+            problems.append(f"training.report_to: {name!r} is not installed; `pip install {module}`, or remove "
+                            f"it (auto = tensorboard when installed)")
+    if problems:
+        raise ConfigError(problems)
+
+
 def check_inputs(cfg: H1tuneConfig, show=print) -> Inputs:
-    """Tokenizer and chat template, then every data file, validated and tokenised (no weights)."""
+    """Loggers, the model's config.json, tokenizer and chat template, then every data file, validated and
+    tokenised. No weights load and nothing is written."""
     from h1tune.data import prepare_datasets
     from h1tune.data.render import check_template_renders
-    from h1tune.model import load_tokenizer
+    from h1tune.model import load_tokenizer, read_model_config
 
+    check_integrations(cfg.training.report_to)
+    read_model_config(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     check_template_renders(tokenizer)
-    data = prepare_datasets(cfg.data, tokenizer, seed=cfg.training.seed)
+    if cfg.training.objective == "sft":
+        data = prepare_datasets(cfg.data, tokenizer, seed=cfg.training.seed)
+    else:
+        from h1tune.data.preference_prepare import prepare_preference_data
+
+        data = prepare_preference_data(cfg.data, tokenizer, seed=cfg.training.seed, objective=cfg.training.objective)
     show(data.summary.format())
     return Inputs(tokenizer, data)
 
@@ -58,7 +92,12 @@ def prepare_model(cfg: H1tuneConfig, inputs: Inputs, probe: bool | None = None) 
     from h1tune.model import load_model
     from h1tune.train.batching import make_batches
 
-    batches = make_batches(cfg.data, inputs.tokenizer, inputs.data.train, inputs.data.eval)
+    if cfg.training.objective == "sft":
+        batches = make_batches(cfg.data, inputs.tokenizer, inputs.data.train, inputs.data.eval)
+    else:
+        from h1tune.train.preference import make_preference_batches
+
+        batches = make_preference_batches(cfg, inputs.tokenizer, inputs.data)
     model = load_model(cfg.model)
     model.config.use_cache = False
     set_seed(cfg.training.seed)  # LoRA's initial A matrices come from the RNG: same seed, same run
@@ -69,11 +108,24 @@ def prepare_model(cfg: H1tuneConfig, inputs: Inputs, probe: bool | None = None) 
     return Ready(batches, model, report)
 
 
-def run_check(cfg: H1tuneConfig, show=print) -> Ready:
-    """`h1tune check`: both phases and the probe table; raises H1tuneError on the first problem."""
+def run_check(cfg: H1tuneConfig, show=print, probe_table: bool = False, show_examples: int = 0) -> Ready:
+    """`h1tune check`: both phases, the probe as in training (a line per group, or the whole table),
+    and optionally the first rendered examples with the trained tokens marked."""
+    from h1tune.data.render import mark_trained_tokens
+
     inputs = check_inputs(cfg, show)
     show("chat template: ok")
-    ready = prepare_model(cfg, inputs, probe=True)
-    if ready.probe is not None:
+    examples = [e for e in inputs.data.train if "input_ids" in e and "labels" in e][:show_examples]
+    for index, example in enumerate(examples):
+        show(f"--- example {index + 1} (trained tokens between [[ and ]]) ---")
+        show(mark_trained_tokens(inputs.tokenizer, example["input_ids"], example["labels"]))
+    ready = prepare_model(cfg, inputs)
+    if ready.probe is None:
+        show("adapter probe: off (adapter.probe: false)")
+    elif probe_table:
         show(ready.probe.format_table())
+    else:
+        show(ready.probe.summary_line())
+        for line in ready.probe.format_group_lines():
+            show(f"  {line}")
     return ready

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from h1tune.atomic import publish_dir, write_text_atomic
@@ -44,41 +45,94 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def prepare_output_dir(cfg: H1tuneConfig, overwrite: bool = False, resume: bool = False) -> Path | None:
-    """Create or claim the output dir; return the checkpoint to resume from, if any.
+@dataclass
+class Claim:
+    """An output directory this process now owns, and whether a failure may remove it."""
 
-    An empty or new directory is claimed. One that holds this same run (same config) resumes
-    from its last complete checkpoint. Anything else is refused unless `overwrite`.
+    root: Path
+    resume_from: Path | None
+    fresh: bool  # created (or started over) by this run: nothing of value inside until the first step
+    created: Path | None = None  # the outermost directory this claim created (output_dir or a parent)
+    started: bool = False  # set once the first optimiser step ends
+
+
+def check_output_dir(cfg: H1tuneConfig, overwrite: bool = False, resume: bool | str = False) -> Path | None:
+    """Decide, writing nothing, whether this run may use output_dir; return the checkpoint to resume from.
+
+    Cheap, so `train` runs it before the data checks. An empty or new directory is free. One that
+    holds this same run (same config, or the resolved config it saved) resumes from its last complete
+    checkpoint, or from the one `resume` names. Anything else is refused unless `overwrite`.
     """
     root = Path(cfg.output_dir)
-    fingerprint = config_fingerprint(cfg)
+    if overwrite or not root.exists() or not any(root.iterdir()):
+        if resume and not overwrite:
+            raise H1tuneError(f"--resume: {str(root)!r} holds no run to resume")
+        return None
+    if not root.is_dir():
+        raise H1tuneError(f"output_dir {str(root)!r} is a file; choose a directory")
     run_file = root / RUN_FILE
-    if overwrite and root.exists():
-        shutil.rmtree(root)
-    if root.exists() and any(root.iterdir()):
-        if not run_file.is_file():
-            raise H1tuneError(f"output_dir {str(root)!r} is not empty and holds no h1tune run; choose another "
-                              "output_dir or pass --overwrite to replace its contents")
-        previous = json.loads(run_file.read_text())
-        if previous.get("fingerprint") != fingerprint and not resume:
-            raise H1tuneError(f"output_dir {str(root)!r} holds another run (its config differs); choose another "
-                              "output_dir, pass --overwrite to replace it, or --resume to continue it anyway")
-        if previous.get("finished") and not resume:
-            raise H1tuneError(f"output_dir {str(root)!r} holds a finished run; pass --overwrite to train again")
-        checkpoints = complete_checkpoints(root)
-        if checkpoints:
-            log.info("resuming from %s (last complete checkpoint)", checkpoints[-1])
-            _write_run_file(run_file, fingerprint, finished=False)
-            _trim_metrics(root, int(checkpoints[-1].name.split("-")[1]))
-            return checkpoints[-1]
-        if resume:
-            raise H1tuneError(f"--resume: {str(root)!r} has no complete checkpoint to resume from")
-        _trim_metrics(root, 0)
-    elif resume:
-        raise H1tuneError(f"--resume: {str(root)!r} holds no run to resume")
-    root.mkdir(parents=True, exist_ok=True)
-    _write_run_file(run_file, fingerprint, finished=False)
+    if not run_file.is_file():
+        raise H1tuneError(f"output_dir {str(root)!r} is not empty and holds no h1tune run; choose another "
+                          "output_dir or pass --overwrite to replace its contents")
+    previous = json.loads(run_file.read_text())
+    same = config_fingerprint(cfg) in (previous.get("fingerprint"), previous.get("resolved_fingerprint"))
+    if not same and not resume:
+        raise H1tuneError(f"output_dir {str(root)!r} holds another run (its config differs); choose another "
+                          "output_dir, pass --overwrite to replace it, or --resume to continue it anyway")
+    if previous.get("finished") and not resume:
+        raise H1tuneError(f"output_dir {str(root)!r} holds a finished run; pass --overwrite to train again")
+    if isinstance(resume, str):
+        return _named_checkpoint(root, Path(resume))
+    checkpoints = complete_checkpoints(root)
+    if checkpoints:
+        return checkpoints[-1]
+    if resume:
+        raise H1tuneError(f"--resume: {str(root)!r} has no complete checkpoint to resume from")
     return None
+
+
+def _named_checkpoint(root: Path, named: Path) -> Path:
+    """`--resume CHECKPOINT`: a complete checkpoint of this run (a name inside output_dir, or a path)."""
+    path = named if named.is_absolute() or named.exists() else root / named
+    complete = {p.resolve() for p in complete_checkpoints(root)}
+    if path.resolve() not in complete:
+        names = ", ".join(p.name for p in complete_checkpoints(root)) or "none"
+        raise H1tuneError(f"--resume: {str(named)!r} is not a complete checkpoint of {str(root)!r} "
+                          f"(complete ones: {names})")
+    return path
+
+
+def claim_output_dir(cfg: H1tuneConfig, overwrite: bool = False, resume: bool | str = False,
+                     resolved: H1tuneConfig | None = None) -> Claim:
+    """Check, then take the output dir: write the run marker, or prepare the resume."""
+    root = Path(cfg.output_dir)
+    resume_from = check_output_dir(cfg, overwrite=overwrite, resume=resume)
+    if overwrite and root.exists():
+        entries = sorted(p.name for p in root.iterdir())
+        log.info("--overwrite: removing %s (%d entries: %s%s)", root, len(entries), ", ".join(entries[:8]),
+                 " ..." if len(entries) > 8 else "")
+        shutil.rmtree(root)
+    if resume_from is not None:
+        log.info("resuming from %s (last complete checkpoint)", resume_from)
+        _trim_metrics(root, int(resume_from.name.split("-")[1]))
+    else:
+        _trim_metrics(root, 0)
+    created = next((p for p in [*reversed(root.absolute().parents), root.absolute()] if not p.exists()), None)
+    root.mkdir(parents=True, exist_ok=True)
+    write_run_marker(root / RUN_FILE, cfg, resolved, finished=False)
+    return Claim(root, resume_from, fresh=resume_from is None, created=created)
+
+
+def release_failed(claim: Claim) -> None:
+    """A run that fails before its first step leaves nothing behind, so the corrected rerun starts clean."""
+    if claim.fresh and not claim.started and claim.root.exists():
+        shutil.rmtree(claim.created or claim.root, ignore_errors=True)
+        log.info("removed %s: the run stopped before its first step", claim.created or claim.root)
+
+
+def prepare_output_dir(cfg: H1tuneConfig, overwrite: bool = False, resume: bool | str = False) -> Path | None:
+    """Claim the output dir; return the checkpoint to resume from, if any."""
+    return claim_output_dir(cfg, overwrite=overwrite, resume=resume).resume_from
 
 
 def _trim_metrics(root: Path, last_step: int) -> None:
@@ -90,12 +144,17 @@ def _trim_metrics(root: Path, last_step: int) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def mark_finished(cfg: H1tuneConfig) -> None:
-    _write_run_file(Path(cfg.output_dir) / RUN_FILE, config_fingerprint(cfg), finished=True)
+def mark_finished(cfg: H1tuneConfig, resolved: H1tuneConfig | None = None) -> None:
+    write_run_marker(Path(cfg.output_dir) / RUN_FILE, cfg, resolved, finished=True)
 
 
-def _write_run_file(path: Path, fingerprint: str, finished: bool) -> None:
-    write_text_atomic(path, json.dumps({"fingerprint": fingerprint, "finished": finished}))
+def write_run_marker(path: Path, cfg: H1tuneConfig, resolved: H1tuneConfig | None, finished: bool) -> None:
+    """The run marker: the config's fingerprint, and that of the resolved config saved beside it, so a
+    rerun with either (`h1tune train OUTPUT_DIR/config.yaml`) is the same run."""
+    state = {"fingerprint": config_fingerprint(cfg), "finished": finished}
+    if resolved is not None:
+        state["resolved_fingerprint"] = config_fingerprint(resolved)
+    write_text_atomic(path, json.dumps(state))
 
 
 def publish_checkpoint(staged: Path, destination: Path) -> None:

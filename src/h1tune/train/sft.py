@@ -15,14 +15,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from h1tune.config import H1tuneConfig, save_config
+from h1tune.adapters.checkpoint import is_adapter_dir, record_base
+from h1tune.config import H1tuneConfig, absolute_paths, save_config
+from h1tune.errors import H1tuneError
 from h1tune.train import run_dir
 from h1tune.train.arguments import trainer_kwargs
 from h1tune.train.callbacks import MetricsLog, ProgressBar, schedule_callbacks
-from h1tune.train.plots import plot_loss_curve
+from h1tune.train.plots import plot_loss_curve, plot_rewards_curve
 from h1tune.train.preflight import check_inputs, prepare_model
 from h1tune.train.trainer import STAGING_DIR, H1Trainer
 
@@ -38,44 +40,96 @@ class TrainResult:
     eval_metrics: dict[str, float]
     loss_curve: Path | None
     train_seconds: float
+    resumed_from_step: int = 0  # train_loss covers the steps after it (this process's part of the run)
 
 
-def run_training(cfg: H1tuneConfig, overwrite: bool = False, resume: bool = False,
+def run_training(cfg: H1tuneConfig, overwrite: bool = False, resume: bool | str = False,
                  callbacks: list | None = None) -> TrainResult:
-    """Validate data, load the model, apply the adapter, probe it, train, and save the result."""
-    inputs = check_inputs(cfg)  # fails before any weights load or any directory is claimed
-    tokenizer = inputs.tokenizer
-    resume_from = run_dir.prepare_output_dir(cfg, overwrite=overwrite, resume=resume)
-    save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    """Check everything cheap, claim the output dir, load and probe, train, and save the result.
+
+    Nothing is written until the cheap checks pass (output dir free, loggers installed, the model's
+    config.json, chat template, data); a run that fails before its first step removes the directory
+    it created, so the corrected rerun starts clean.
+    """
+    cfg = absolute_paths(cfg)
+    run_dir.check_output_dir(cfg, overwrite=overwrite, resume=resume)
+    inputs = check_inputs(cfg)
+    claim = run_dir.claim_output_dir(cfg, overwrite=overwrite, resume=resume)
+    try:
+        return _train(cfg, inputs, claim, callbacks or [])
+    except BaseException:
+        run_dir.release_failed(claim)
+        raise
+
+
+class _FirstStep(TrainerCallback):
+    """Marks the claim as started: from then on a failure keeps the run directory (checkpoints, metrics)."""
+
+    def __init__(self, claim: run_dir.Claim):
+        self.claim = claim
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.claim.started = True
+
+
+def _train(cfg: H1tuneConfig, inputs, claim: run_dir.Claim, callbacks: list) -> TrainResult:
     ready = prepare_model(cfg, inputs)
-    batches, model = ready.batches, ready.model
     if ready.probe is not None:
         print(ready.probe.summary_line())
         for line in ready.probe.format_group_lines():
-            print(line)
-
+            print(f"  {line}")
+    batches = ready.batches
     kwargs, opt = trainer_kwargs(cfg, batches.tokens_per_step(cfg.training), has_eval=batches.eval is not None)
-    args = TrainingArguments(**kwargs)
+    resolved = resolved_config(cfg, opt)
+    save_config(resolved, claim.root / "config.yaml")  # fully resolved: reruns from any directory
+    run_dir.write_run_marker(claim.root / run_dir.RUN_FILE, cfg, resolved, finished=False)
     log.info("recipe %s: learning rate %.3g, schedule %s, warmup %.0f%%, betas (%s, %s), weight decay %s",
              opt["recipe"], opt["learning_rate"], opt["lr_scheduler_type"], 100 * opt["warmup_ratio"],
              opt["adam_beta1"], opt["adam_beta2"], opt["weight_decay"])
-    trainer = H1Trainer(model=model, args=args, train_dataset=batches.train, eval_dataset=batches.eval,
-                        data_collator=batches.collator, processing_class=tokenizer,
-                        callbacks=[ProgressBar(), MetricsLog(cfg.output_dir), *schedule_callbacks(cfg, opt),
-                                   *(callbacks or [])],
-                        wsd_exponential=opt["wsd_exponential"])
+    callbacks = [ProgressBar(), MetricsLog(cfg.output_dir), *schedule_callbacks(cfg, opt), _FirstStep(claim),
+                 *callbacks]
+    trainer = _build_trainer(cfg, ready, inputs.tokenizer, kwargs, opt, callbacks)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    output = trainer.train(resume_from_checkpoint=str(claim.resume_from) if claim.resume_from else None)
     train_seconds = time.perf_counter() - started
     eval_metrics = _final_eval(trainer) if batches.eval is not None else {}
 
-    final_dir = _save_final(cfg, trainer, tokenizer)
+    final_dir = _save_final(resolved, trainer, inputs.tokenizer)
     curve = plot_loss_curve(cfg.output_dir)
-    run_dir.mark_finished(cfg)
+    plot_rewards_curve(cfg.output_dir)  # dpo/kto: margin and accuracy beside the loss curve
+    run_dir.mark_finished(cfg, resolved)
+    resumed = int(claim.resume_from.name.split("-")[1]) if claim.resume_from else 0
     return TrainResult(Path(cfg.output_dir), final_dir, trainer.state.global_step, output.training_loss,
-                       eval_metrics, curve, train_seconds)
+                       eval_metrics, curve, train_seconds, resumed_from_step=resumed)
+
+
+def _build_trainer(cfg: H1tuneConfig, ready, tokenizer, kwargs: dict, opt: dict, callbacks: list):
+    """H1Trainer (SFT) or TRL's preference trainers; a set-up error becomes one paragraph that says what to change."""
+    try:
+        if cfg.training.objective != "sft":
+            from h1tune.train.preference import build_preference_trainer
+
+            return build_preference_trainer(cfg, ready, tokenizer, kwargs, opt, callbacks)
+        batches = ready.batches
+        return H1Trainer(model=ready.model, args=TrainingArguments(**kwargs), train_dataset=batches.train,
+                         eval_dataset=batches.eval, data_collator=batches.collator, processing_class=tokenizer,
+                         callbacks=callbacks, wsd_exponential=opt["wsd_exponential"])
+    except (ValueError, ImportError, RuntimeError, TypeError) as exc:
+        raise H1tuneError(f"the trainer could not be set up: {type(exc).__name__}: {exc}. Nothing was trained and "
+                          "the run directory was removed; fix the training section (or the environment) and "
+                          "rerun") from None
+
+
+def resolved_config(cfg: H1tuneConfig, opt: dict) -> H1tuneConfig:
+    """The config with the recipe's values written in (learning rate, schedule, betas...): what was used."""
+    fields = ["recipe", "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "adam_beta1",
+              "adam_beta2"]
+    if cfg.training.objective != "sft":
+        fields += ["beta", "loss_type", "schedule_epochs"]
+    training = cfg.training.model_copy(update={f: opt[f] for f in fields if f in opt and opt[f] is not None})
+    return cfg.model_copy(update={"training": training})
 
 
 def _final_eval(trainer: H1Trainer) -> dict:
@@ -91,7 +145,9 @@ def _save_final(cfg: H1tuneConfig, trainer: Trainer, tokenizer) -> Path:
     final = root / run_dir.FINAL_DIR
     staged = root / STAGING_DIR / run_dir.FINAL_DIR
     shutil.rmtree(staged.parent, ignore_errors=True)
-    trainer.model.save_pretrained(staged, safe_serialization=True)
+    trainer.save_final(staged)
+    if is_adapter_dir(staged):  # peft wrote the base's local path (a cache dir for presets)
+        record_base(staged, cfg.model.name_or_path)
     tokenizer.save_pretrained(staged)
     save_config(cfg, staged / "config.yaml")  # merge reads it to detect a QLoRA adapter
     run_dir.publish_checkpoint(staged, final)

@@ -45,6 +45,10 @@ class H1TrainerMixin:
             self._created_lr_scheduler = True
         return super().create_scheduler(num_training_steps, optimizer)
 
+    def save_final(self, path) -> None:
+        """The trained weights of the final directory: the adapter (PEFT format) or the full model."""
+        self.model.save_pretrained(path, safe_serialization=True)
+
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint into a staging dir, then publish it with a marker and one rename."""
         root = Path(self.args.output_dir)
