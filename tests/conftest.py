@@ -7,6 +7,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Exactness tests compare in fp32; `dtype: auto` would train in bf16 on CPUs with native bf16
+# (h1tune.precision). Tests of that decision set the flag themselves.
+os.environ.setdefault("H1TUNE_CPU_BF16", "0")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -49,7 +50,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML config with sections model, data, adapter, training, output_dir")
+    p.add_argument("config", help="YAML config with sections model, data, adapter, training, output_dir "
+                   "(or an OUMI training config, mapped onto them with a report)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set training.learning_rate=1e-4 (repeatable)")
 
@@ -108,6 +110,13 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from the last complete checkpoint (automatic when the config is unchanged), or "
                    "from CHECKPOINT (e.g. checkpoint-200); also continues a run whose config changed")
+    g = p.add_argument_group("several processes (strategy: training.distributed; see docs/distributed.md)")
+    g.add_argument("--nproc", type=int, metavar="N", help="processes on this node, one per GPU, started by "
+                   "`accelerate launch`")
+    g.add_argument("--nnodes", type=int, default=1, metavar="M", help="nodes in the run (run the command on each)")
+    g.add_argument("--node-rank", type=int, default=0, metavar="R", help="this node's index, 0..M-1")
+    g.add_argument("--master-addr", metavar="A", help="address of node 0 (required with --nnodes > 1)")
+    g.add_argument("--master-port", type=int, metavar="P", help="port on node 0 (default 29500)")
 
 
 def _add_check_parser(sub) -> None:
@@ -187,6 +196,17 @@ def _add_merge_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
 
 
+def _add_convert_config_parser(sub) -> None:
+    p = sub.add_parser("convert-config", help="write the h1tune YAML equivalent of an OUMI training config",
+                       description="Map an OUMI training config onto h1tune's fields, print every field mapped, "
+                       "ignored or not honoured (with the reason), and write the h1tune YAML for review.")
+    p.add_argument("config", help="an OUMI training config (YAML)")
+    p.add_argument("-o", "--output", metavar="OUT.yaml", help="where to write it (default: stdout)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an h1tune field after the mapping, e.g. --set data.train=local.jsonl")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.yaml")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="h1tune",
@@ -205,14 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat_parser(sub)
     _add_merge_parser(sub)
     _add_eval_parser(sub)
+    _add_convert_config_parser(sub)
     return parser
 
 
 @command("train")
 def cmd_train(args: argparse.Namespace) -> int:
-    from h1tune.config import load_config
+    from h1tune.oumi import load_run_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)  # an OUMI config is mapped, its report printed first
+    from h1tune.train.launch import launch_from_cli
+
+    launched = launch_from_cli(args, cfg)  # --nproc: every process runs this command without it
+    if launched is not None:
+        return launched
     from h1tune.train.sft import run_training
 
     try:
@@ -225,6 +251,8 @@ def cmd_train(args: argparse.Namespace) -> int:
               "interrupted before the first complete checkpoint; rerun the same command to start again",
               file=sys.stderr)
         return 130
+    if os.environ.get("RANK", "0") != "0":  # under a launcher, the main process reports for the run
+        return 0
     if result.train_loss is not None:
         part = (f" (steps {result.resumed_from_step + 1}-{result.steps}, resumed from step {result.resumed_from_step})"
                 if result.resumed_from_step else "")
@@ -234,14 +262,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.eval_metrics:
         print(f"eval loss {result.eval_metrics['eval_loss']:.4f}, perplexity {result.eval_metrics['eval_perplexity']:.2f}")
     print(f"saved to {result.final_dir}" + (f"; loss curve {result.loss_curve}" if result.loss_curve else ""))
+    print(_time_line(result.phases))
     return 0
+
+
+def _time_line(phases: dict[str, float]) -> str:
+    """Where the command's wall time went, from process launch (imports included) to the saved result."""
+    import time
+
+    try:
+        import psutil
+
+        whole = time.time() - psutil.Process().create_time()
+    except ImportError:
+        whole = sum(phases.values())
+    startup = max(0.0, whole - sum(phases.values()))
+    parts = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in {"start-up": startup, **phases}.items())
+    loop = phases.get("training", 0.0)
+    return f"time: {parts}; whole command {whole:.1f}s, of which the training loop {100 * loop / max(whole, 1e-9):.0f}%"
 
 
 @command("check")
 def cmd_check(args: argparse.Namespace) -> int:
-    from h1tune.config import load_config
+    from h1tune.oumi import load_run_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     from h1tune.train.preflight import run_check
 
     run_check(cfg, probe_table=args.probe_table, show_examples=args.show_example)
@@ -362,6 +407,14 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+@command("convert-config")
+def cmd_convert_config(args: argparse.Namespace) -> int:
+    from h1tune.oumi import convert_config
+
+    convert_config(args.config, args.overrides, args.output, overwrite=args.overwrite)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -370,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("h1tune: %(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)  # one voice per run
     if not args.debug:  # deprecation notices and optional-kernel hints are not the user's to act on
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)

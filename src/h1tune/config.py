@@ -136,7 +136,9 @@ class TrainingConfig(_Section):
     save_steps: int = Field(200, gt=0)
     save_total_limit: int | None = Field(3, gt=0)
     seed: int = 42
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="recompute activations in backward (less memory, ~30% slower); auto: on when the "
+        "memory estimate without it would not fit")
     distributed: Distributed = Field("none", description="with `h1tune train --nproc N`: ddp, fsdp (FSDP2, sharded), "
                                      "deepspeed_zero2 or deepspeed_zero3; see docs/distributed.md")
     report_to: list[str] = Field(default_factory=lambda: ["auto"], description="'auto' = tensorboard when installed")

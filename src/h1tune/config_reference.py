@@ -54,7 +54,6 @@ NOTES = {
     "training.save_steps": "steps between complete checkpoints",
     "training.save_total_limit": "complete checkpoints kept",
     "training.seed": "seed of data order, LoRA init and dropout",
-    "training.gradient_checkpointing": "recompute activations in backward: less memory, ~30% slower",
 }
 
 

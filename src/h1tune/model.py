@@ -2,8 +2,8 @@
 for QLoRA and check afterwards that out_proj and lm_head stayed whole.
 
 Safe by default: `trust_remote_code` off, safetensors only unless the user opts in.
-`dtype: auto` picks bf16 on CUDA and fp32 on CPU, because on CPUs without native bf16 a bf16
-matmul measured ~100x slower than fp32 (0.3-0.8 vs 70-107 GFLOP/s).
+`dtype: auto` loads bf16 on CUDA and fp32 on CPU here (evaluation, generation and merges compare
+exactly in fp32); training decides its own precision by the CPU (h1tune.precision).
 """
 
 from __future__ import annotations
@@ -148,19 +148,25 @@ def skip_modules(user_modules: list[str]) -> list[str]:
     return list(dict.fromkeys([*ALWAYS_UNQUANTIZED, *user_modules]))
 
 
-def quantization_config(cfg: ModelConfig, compute_dtype: "torch.dtype"):
-    """BitsAndBytesConfig for QLoRA, or None. NF4 with double quantization, compute in the training dtype."""
+def quantization_config(cfg: ModelConfig, compute_dtype: "torch.dtype", shard_4bit: bool = False):
+    """BitsAndBytesConfig for QLoRA, or None. NF4 with double quantization, compute in the training dtype.
+
+    `shard_4bit` (QLoRA under FSDP) stores the packed 4-bit weights in the compute dtype instead of
+    uint8: FSDP shards floating-point tensors only, and one dtype per layer (bitsandbytes' FSDP-QLoRA guide).
+    """
     if cfg.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "4bit":
+        storage = {"bnb_4bit_quant_storage": compute_dtype} if shard_4bit else {}
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
             llm_int8_skip_modules=skip_modules(cfg.llm_int8_skip_modules),
+            **storage,
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules(cfg.llm_int8_skip_modules))
 
@@ -193,17 +199,23 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, device_map: str | None = None, announce: bool = True):
-    """Load `FalconH1ForCausalLM` per the config; quantized when `model.quantization` is set."""
+def load_model(cfg: ModelConfig, device_map: str | None = None, announce: bool = True, shard_4bit: bool = False):
+    """Load `FalconH1ForCausalLM` per the config; quantized when `model.quantization` is set.
+
+    bitsandbytes quantizes on the device it loads to: this process's GPU (LOCAL_RANK under a
+    launcher, so N ranks do not all fill GPU 0). `shard_4bit`: see quantization_config.
+    """
+    import os
+
     import torch
     from transformers import AutoModelForCausalLM
 
     path, _ = read_model_config(cfg)
     dtype = resolve_dtype(cfg.dtype)
     use_h1tune_mamba_kernels()
-    bnb = quantization_config(cfg, dtype)
+    bnb = quantization_config(cfg, dtype, shard_4bit=shard_4bit)
     if bnb is not None and device_map is None:
-        device_map = "cuda:0" if torch.cuda.is_available() else "cpu"
+        device_map = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
         path,
         revision=cfg.revision,

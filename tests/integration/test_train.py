@@ -168,3 +168,14 @@ def test_check_and_train_share_one_seeded_preflight(tmp_path, memorise_file, tin
     a = {n: p for n, p in first.named_parameters() if "lora_A" in n}
     b = {n: p for n, p in second.named_parameters() if "lora_A" in n}
     assert a and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_bf16_lora_run_keeps_a_bf16_base_and_fp32_adapters_and_learns(tmp_path, memorise_file, tiny_dir):
+    """What `dtype: auto` chooses on a CPU with native bf16 (forced here so any CPU runs it)."""
+    result = run_training(config(tmp_path, memorise_file, tiny_dir, "model.dtype=bfloat16", "training.max_steps=10",
+                                 "training.learning_rate=5e-3"))
+    losses = [r["loss"] for r in map(json.loads, (result.output_dir / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert losses[-1] < losses[0]
+    adapter = load_file(str(result.final_dir / "adapter_model.safetensors"))
+    assert adapter and all(t.dtype == torch.float32 for t in adapter.values())

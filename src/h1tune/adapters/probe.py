@@ -23,8 +23,10 @@ from h1tune.policy import param_group
 
 # Batch keys collators add for the loss mask; the model's forward does not take them.
 _NON_MODEL_KEYS = {"completion_mask", "assistant_masks", "prompt_mask", "num_items_in_batch"}
-# Above this many modules, the loss change is measured per group (one forward each), not per module.
-MAX_MODULE_FORWARDS = 64
+# Above this many modules, the loss change is measured per group (one forward each), not per module:
+# the probe then costs 2 + groups forwards. Forward-ran and gradient-reached stay per module, and they
+# are what a kernel bypass fails (its LoRA never runs), so a single inert module is still named.
+MAX_MODULE_FORWARDS = 12
 
 
 @dataclass
@@ -253,6 +255,7 @@ def probe_adapters(model: Any, batch: dict[str, Any], *, strict: bool = True, sc
 
     def loss_now(grad: bool) -> torch.Tensor:
         torch.manual_seed(seed)
+        torch.clear_autocast_cache()  # under autocast, a perturbed weight's cached bf16 copy would be stale
         with torch.set_grad_enabled(grad):  # float64: μP's small lm_head multiplier makes fp32 changes sub-ulp
             return shifted_cross_entropy(model(**inputs).logits, labels, reduction="mean", dtype=torch.float64)
 

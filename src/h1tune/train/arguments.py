@@ -8,7 +8,8 @@ import torch
 
 from h1tune.config import H1tuneConfig
 from h1tune.model import dtype_name
-from h1tune.train import recipes
+from h1tune.precision import training_precision
+from h1tune.train import recipes, strategies
 
 
 def _report_to(requested: list[str]) -> list[str]:
@@ -54,7 +55,7 @@ def trainer_kwargs(cfg: H1tuneConfig, batch_tokens: int, has_eval: bool) -> tupl
         data_seed=t.seed,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        bf16=dtype == "bfloat16" and on_cuda,
+        bf16=training_precision(cfg).autocast,  # CUDA, or a CPU with native bf16 (h1tune.precision)
         fp16=dtype == "float16" and on_cuda,
         use_cpu=not on_cuda,
         report_to=_report_to(t.report_to),
@@ -64,4 +65,5 @@ def trainer_kwargs(cfg: H1tuneConfig, batch_tokens: int, has_eval: bool) -> tupl
         disable_tqdm=True,
         save_only_model=False,
     )
+    args.update(strategies.trainer_overrides(t))  # fsdp / deepspeed, the same under any launcher
     return args, {**opt, "wsd_exponential": wsd}

@@ -34,6 +34,8 @@ class Batches:
     row_tokens: float  # mean tokens per train item (a packed row or one example)
     probe_items: list[Any]  # a few short training examples, batched by `probe_collator`
     probe_collator: Callable[[list[Any]], dict[str, torch.Tensor]]
+    # tokens one item puts through the model (a DPO pair: two padded sequences, train/preference.py)
+    item_tokens: Callable[[Any], int] = lambda item: len(item["input_ids"])  # noqa: E731
 
     def probe_batch(self) -> dict[str, torch.Tensor]:
         """A short real batch for the adapter probe, built like the training batches (packed or padded).
@@ -42,6 +44,10 @@ class Batches:
         on a 128-row job two 512-token packed rows made it a quarter of the run.
         """
         return self.probe_collator(self.probe_items)
+
+    def micro_batch_tokens(self, training: TrainingConfig) -> int:
+        """The most tokens one forward/backward holds (padded batches pad to their longest item)."""
+        return training.per_device_train_batch_size * max((self.item_tokens(item) for item in self.train), default=1)
 
     def tokens_per_step(self, training: TrainingConfig) -> int:
         """Tokens in one optimiser step (TII's learning-rate rule scales with it)."""

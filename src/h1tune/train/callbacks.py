@@ -21,6 +21,8 @@ class ProgressBar(TrainerCallback):
         self.tokens_at_start = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:  # one bar per run, not one per rank
+            return
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
@@ -58,7 +60,7 @@ class MetricsLog(TrainerCallback):
         self.path = Path(output_dir) / METRICS_FILE
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs:
+        if not logs or not state.is_world_process_zero:  # every rank logs; the main process writes
             return
         record = {"step": state.global_step, "time": time.time(), **logs}
         with self.path.open("a") as f:

@@ -10,10 +10,14 @@ so `check` probes exactly the LoRA initialisation that `train` will train.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from h1tune.config import H1tuneConfig
+from h1tune.precision import autocast, fp32_gap, training_precision
+
+log = logging.getLogger("h1tune")
 
 
 @dataclass
@@ -31,6 +35,8 @@ class Ready:
     batches: Any  # h1tune.train.batching.Batches
     model: Any
     probe: Any | None  # h1tune.adapters.probe.ProbeReport, None when adapter.probe is off
+    precision: Any = None  # h1tune.precision.Precision
+    fp32_gap: str | None = None  # bf16 runs: the probe batch's loss in bf16 vs fp32, in words
 
 
 # report_to names -> the module that must be importable (the Trainer fails late, after the probe, otherwise)
@@ -91,6 +97,7 @@ def prepare_model(cfg: H1tuneConfig, inputs: Inputs, probe: bool | None = None) 
     from h1tune.adapters.probe import probe_adapters
     from h1tune.model import load_model
     from h1tune.train.batching import make_batches
+    from h1tune.train.strategies import shards_4bit_weights
 
     if cfg.training.objective == "sft":
         batches = make_batches(cfg.data, inputs.tokenizer, inputs.data.train, inputs.data.eval)
@@ -98,14 +105,17 @@ def prepare_model(cfg: H1tuneConfig, inputs: Inputs, probe: bool | None = None) 
         from h1tune.train.preference import make_preference_batches
 
         batches = make_preference_batches(cfg, inputs.tokenizer, inputs.data)
-    model = load_model(cfg.model)
+    precision = training_precision(cfg)
+    log.info("precision: %s", precision.describe())
+    model = load_model(cfg.model.model_copy(update={"dtype": precision.weights}), shard_4bit=shards_4bit_weights(cfg))
     model.config.use_cache = False
     set_seed(cfg.training.seed)  # LoRA's initial A matrices come from the RNG: same seed, same run
     model = apply_adapter(model, cfg)
     report = None
     if cfg.adapter.probe if probe is None else probe:  # LoRA: every adapter; full fine-tuning: every module with trainable weights
-        report = probe_adapters(model, batches.probe_batch())
-    return Ready(batches, model, report)
+        with autocast(precision):  # the path training runs
+            report = probe_adapters(model, batches.probe_batch())
+    return Ready(batches, model, report, precision, fp32_gap(model, batches.probe_batch(), precision))
 
 
 def run_check(cfg: H1tuneConfig, show=print, probe_table: bool = False, show_examples: int = 0) -> Ready:
@@ -120,6 +130,7 @@ def run_check(cfg: H1tuneConfig, show=print, probe_table: bool = False, show_exa
         show(f"--- example {index + 1} (trained tokens between [[ and ]]) ---")
         show(mark_trained_tokens(inputs.tokenizer, example["input_ids"], example["labels"]))
     ready = prepare_model(cfg, inputs)
+    show(f"precision: {ready.precision.describe()}" + (f"; {ready.fp32_gap}" if ready.fp32_gap else ""))
     if ready.probe is None:
         show("adapter probe: off (adapter.probe: false)")
     elif probe_table:

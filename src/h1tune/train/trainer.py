@@ -1,7 +1,9 @@
 """H1Trainer: the Hugging Face Trainer plus what h1tune guarantees on every run.
 
 A NaN/inf stop, a token-weighted eval loss (h1tune.train.loss), TII's warmup-stable-exponential
-schedule, and atomic checkpoints (staged, marked complete, renamed into place).
+schedule, and atomic checkpoints (staged, marked complete, renamed into place). Under several
+processes the eval loss sums over every rank's rows, training rows are split without repeats
+(sharding.py), and only the main process publishes checkpoints and writes the final weights.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import torch
 from transformers import Trainer
 
 from h1tune.errors import H1tuneError
-from h1tune.train import recipes, run_dir
-from h1tune.train.loss import shifted_cross_entropy, token_loss_sum
+from h1tune.train import recipes, run_dir, sharding
+from h1tune.train.loss import row_loss_sums, shifted_cross_entropy, token_loss_sum
 
 __all__ = ["H1Trainer", "H1TrainerMixin", "STAGING_DIR", "shifted_cross_entropy", "token_loss_sum"]
 
@@ -46,34 +48,69 @@ class H1TrainerMixin:
         return super().create_scheduler(num_training_steps, optimizer)
 
     def save_final(self, path) -> None:
-        """The trained weights of the final directory: the adapter (PEFT format) or the full model."""
-        self.model.save_pretrained(path, safe_serialization=True)
+        """The trained weights of the final directory: the adapter (PEFT format) or the full model.
+
+        Every rank calls it: gathering sharded weights (FSDP, ZeRO-3) is collective. The main
+        process writes.
+        """
+        if self.is_fsdp_enabled:  # full weights gathered from the shards, whatever the checkpoint format
+            state_dict = self.accelerator.get_state_dict(self.model)
+            if self.is_world_process_zero():
+                self.accelerator.unwrap_model(self.model).save_pretrained(path, state_dict=state_dict,
+                                                                           safe_serialization=True)
+        elif self.is_deepspeed_enabled:  # the Trainer's ZeRO gather (16-bit weights; PEFT: the adapter)
+            self.save_model(str(path))
+        elif self.is_world_process_zero():
+            self.accelerator.unwrap_model(self.model).save_pretrained(path, safe_serialization=True)
 
     def _save_checkpoint(self, model, trial):
-        """Write the checkpoint into a staging dir, then publish it with a marker and one rename."""
+        """Write the checkpoint into a staging dir, then publish it with a marker and one rename.
+
+        Under several processes every rank writes its part (its RNG state; its shard under FSDP or
+        ZeRO) into the same staging dir; the main process publishes only after all of them finished.
+        """
         root = Path(self.args.output_dir)
         staging_root = root / STAGING_DIR
-        shutil.rmtree(staging_root, ignore_errors=True)
+        main = self.is_world_process_zero()
+        if main:
+            shutil.rmtree(staging_root, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         keep = self.args.save_total_limit
         self.args.output_dir, self.args.save_total_limit = str(staging_root), None
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir, self.args.save_total_limit = str(root), keep
-        name = f"checkpoint-{self.state.global_step}"
-        run_dir.publish_checkpoint(staging_root / name, root / name)
-        shutil.rmtree(staging_root, ignore_errors=True)
-        run_dir.rotate_checkpoints(root, keep)
+        self.accelerator.wait_for_everyone()
+        if main:
+            name = f"checkpoint-{self.state.global_step}"
+            run_dir.publish_checkpoint(staging_root / name, root / name)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            run_dir.rotate_checkpoints(root, keep)
+        self.accelerator.wait_for_everyone()
 
 
 class H1Trainer(H1TrainerMixin, Trainer):
     """The HF Trainer with h1tune's guarantees (H1TrainerMixin) and a token-weighted evaluation."""
 
+    def get_train_dataloader(self):
+        """Several processes: every real row once per epoch, in the single-process order (sharding.py)."""
+        if self.args.world_size == 1 or self.train_dataset is None:
+            return super().get_train_dataloader()
+        dataset, sampler = sharding.padded_sampler(self.train_dataset, self._train_batch_size, self.args.world_size,
+                                                   self.args.data_seed)
+        return self._get_dataloader(dataset=dataset, description="Training", batch_size=self._train_batch_size,
+                                    sampler_fn=lambda _: sampler, is_training=True)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """Loss summed over every labelled token of the eval set, divided once: independent of batch
-        size and padding (the Trainer's default averages per-batch means)."""
+        size and padding (the Trainer's default averages per-batch means) and of the number of ranks.
+
+        Each rank evaluates its share of the rows; `gather_for_metrics` collects every rank's per-row
+        sums and drops the rows accelerate repeated to give all ranks equal batches.
+        """
         dataloader = self.get_eval_dataloader(eval_dataset)
-        model = self.model
+        model = self.model  # not the DDP wrapper: evaluation needs no gradient sync
         was_training = model.training
         model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -81,9 +118,9 @@ class H1Trainer(H1TrainerMixin, Trainer):
         with torch.no_grad():
             for batch in dataloader:
                 batch = self._prepare_inputs(batch)
-                loss, count = token_loss_sum(model, batch)
-                loss_sum += loss.double().cpu()
-                tokens += count
+                row_loss, row_tokens = self.accelerator.gather_for_metrics(row_loss_sums(model, batch))
+                loss_sum += row_loss.sum().cpu()
+                tokens += int(row_tokens.sum())
         model.train(was_training)
         mean = (loss_sum / max(tokens, 1)).item()
         metrics = {f"{metric_key_prefix}_loss": mean,

@@ -1,0 +1,103 @@
+"""Training precision, decided by the hardware rather than the device type.
+
+    p = training_precision(cfg)       # Precision(weights="bfloat16", autocast=True, reason="...")
+
+CUDA: bf16. A CPU with native bf16 (AVX512-BF16 or AMX; measured here: fp32 GEMM 176-182 GFLOP/s,
+bf16 404-411, and a 0.5B-shape LoRA step 1.7x faster under bf16 autocast) trains in bf16 too:
+a LoRA's frozen base is stored in bf16 (half the memory, no per-step weight casts) while the
+adapters and every optimiser state stay fp32 (peft keeps adapter weights fp32); full fine-tuning
+keeps fp32 master weights under bf16 autocast. Other CPUs train in fp32: without native support
+a bf16 matmul was measured ~100x slower there. fp16 on a CPU is always slow (0.4-1.0 GFLOP/s).
+The Mamba scan's cumulative sums and the loss stay in fp32 or wider whatever is chosen.
+`model.dtype: float32` forces fp32; H1TUNE_CPU_BF16=0 makes `auto` choose fp32 on every CPU
+(the test suite's exactness checks use it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    weights: str  # dtype the base weights are loaded in
+    autocast: bool  # run forward passes under bf16 autocast (the Trainer's bf16=True)
+    reason: str
+
+    def describe(self) -> str:
+        mode = f"{self.weights} weights" + (", bf16 autocast" if self.autocast else "")
+        return f"{mode} ({self.reason})"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_native_bf16() -> str | None:
+    """The CPU flag that gives native bf16 matmuls (Linux /proc/cpuinfo), or None."""
+    if os.environ.get("H1TUNE_CPU_BF16", "").strip() == "0":
+        return None
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return None
+    flags = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return next((f for f in CPU_BF16_FLAGS if f in flags), None)
+
+
+def training_precision(cfg) -> Precision:
+    """The weights' dtype and autocast for a training run of `cfg` (an H1tuneConfig)."""
+    import torch
+
+    dtype, cuda = cfg.model.dtype, torch.cuda.is_available()
+    if dtype != "auto":
+        on = "CUDA" if cuda else "CPU"
+        return Precision(dtype, dtype == "bfloat16", f"model.dtype: {dtype} on {on}")
+    if cuda:
+        return Precision("bfloat16", True, "CUDA")
+    flag = cpu_native_bf16()
+    if flag is None:
+        why = ("H1TUNE_CPU_BF16=0" if os.environ.get("H1TUNE_CPU_BF16", "").strip() == "0"
+               else "this CPU has no native bf16 (avx512_bf16/amx_bf16), where bf16 is far slower")
+        return Precision("float32", False, why)
+    if cfg.adapter.method == "full":
+        return Precision("float32", True, f"CPU with {flag}; fp32 master weights for full fine-tuning")
+    return Precision("bfloat16", True, f"CPU with {flag}; frozen base in bf16, LoRA weights and optimiser fp32")
+
+
+def autocast(precision: Precision):
+    """The autocast context training runs its forward passes in (a no-op when not autocasting)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision.autocast)
+
+
+def fp32_gap(model, batch: dict, precision: Precision) -> str | None:
+    """How far bf16 autocast moves the loss on `batch` from fp32, when the weights are fp32 (one no-grad
+    forward each). With a bf16 base there is no fp32 copy to compare against; `h1tune check --set
+    model.dtype=float32` gives the fp32 loss."""
+    import torch
+
+    if not precision.autocast or precision.weights != "float32":
+        return None
+    from h1tune.train.loss import shifted_cross_entropy
+
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    labels = inputs.pop("labels")
+    was_training = model.training
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for enabled in (False, True):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
+                logits = model(**inputs, use_cache=False).logits
+            losses.append(float(shifted_cross_entropy(logits, labels, reduction="mean")))
+    model.train(was_training)
+    return f"loss on the probe batch: bf16 autocast {losses[1]:.4f}, fp32 {losses[0]:.4f} (|Δ| {abs(losses[1] - losses[0]):.2e})"

@@ -1,0 +1,55 @@
+"""Training precision decided by the hardware: bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from h1tune import precision
+from h1tune.config import load_config
+
+
+@pytest.fixture()
+def cpu_flags(monkeypatch, tmp_path):
+    """Pretend /proc/cpuinfo lists `flags` (and no CUDA)."""
+    def use(flags: str):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n")
+        monkeypatch.setattr(precision, "Path", lambda _: info)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.delenv("H1TUNE_CPU_BF16", raising=False)
+        precision.cpu_native_bf16.cache_clear()
+    yield use
+    precision.cpu_native_bf16.cache_clear()
+
+
+def test_native_bf16_cpu_trains_lora_with_a_bf16_base_and_full_ft_with_fp32_masters(cpu_flags):
+    cpu_flags("avx512f avx512_bf16")
+    lora = precision.training_precision(load_config(None))
+    assert (lora.weights, lora.autocast) == ("bfloat16", True) and "avx512_bf16" in lora.reason
+    full = precision.training_precision(load_config(None, ["adapter.method=full"]))
+    assert (full.weights, full.autocast) == ("float32", True)
+    forced = precision.training_precision(load_config(None, ["model.dtype=float32"]))
+    assert (forced.weights, forced.autocast) == ("float32", False)
+
+
+def test_cpu_without_native_bf16_or_with_the_override_trains_in_fp32(cpu_flags, monkeypatch):
+    cpu_flags("avx512f")
+    plain = precision.training_precision(load_config(None))
+    assert (plain.weights, plain.autocast) == ("float32", False) and "no native bf16" in plain.reason
+    cpu_flags("amx_bf16")
+    monkeypatch.setenv("H1TUNE_CPU_BF16", "0")
+    precision.cpu_native_bf16.cache_clear()
+    assert precision.training_precision(load_config(None)).weights == "float32"
+
+
+def test_bf16_autocast_loss_gap_is_reported_for_fp32_weights():
+    from h1tune.presets import build_model
+
+    model = build_model("tiny", num_hidden_layers=1)
+    ids = torch.randint(5, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    gap = precision.fp32_gap(model, {"input_ids": ids, "labels": ids}, precision.Precision("float32", True, "t"))
+    bf16, fp32 = (float(part.split()[-1]) for part in gap.split("(")[0].split(":")[1].split(","))
+    assert 0 < abs(bf16 - fp32) < 0.1  # bf16 moves the loss, a little
+    assert precision.fp32_gap(model, {"input_ids": ids, "labels": ids},
+                              precision.Precision("bfloat16", True, "t")) is None
