@@ -106,7 +106,11 @@ def mamba_path() -> str:
 
     kernels = all(importlib.util.find_spec(p) is not None for p in ("mamba_ssm", "causal_conv1d"))
     if kernels and torch.cuda.is_available():
-        return "fused CUDA kernels (mamba_ssm + causal_conv1d)"
+        from h1tune.ssm import seam
+
+        if seam.real_kernels_bound():
+            return "fused CUDA kernels (mamba_ssm + causal_conv1d)"
+        return "torch path: mamba_ssm/causal_conv1d are installed but transformers did not bind them (partial build?)"
     if ssm.is_installed():
         return "h1tune boundary-aware torch path (exact packing, no CUDA kernels)"
     return "transformers' torch fallback (slow; no mamba_ssm/causal_conv1d)"

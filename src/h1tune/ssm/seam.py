@@ -127,6 +127,7 @@ def _make_dispatcher(ours: Callable, original: Callable, real_kernel: bool) -> C
     dispatch.__doc__ = ours.__doc__
     dispatch.__signature__ = inspect.signature(ours)
     setattr(dispatch, _ORIGINAL, original)
+    dispatch.real_kernel = real_kernel
     return dispatch
 
 
@@ -150,6 +151,16 @@ def install() -> None:
         if hasattr(current, _ORIGINAL):
             continue  # already ours
         setattr(module, name, _make_dispatcher(ours, current, _uses_real_kernel(current, package)))
+
+
+def real_kernels_bound() -> bool:
+    """Whether every seam function hands CUDA calls to mamba_ssm / causal_conv1d, as transformers resolved
+    them (not merely whether the packages are importable: a partial build falls back to torch)."""
+    module = _falcon_module()
+    found = [getattr(getattr(module, name, None), "real_kernel", None) for name in _SEAM]
+    if all(flag is None for flag in found):  # not installed: read transformers' own wrappers
+        return all(_uses_real_kernel(getattr(module, name), package) for name, (_, package, _) in _SEAM.items())
+    return all(bool(flag) for flag in found)
 
 
 def uninstall() -> None:
