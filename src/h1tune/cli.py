@@ -18,6 +18,7 @@ from typing import get_args
 from h1tune import __version__
 from h1tune.config import DType, Quantization
 from h1tune.errors import H1tuneError
+from h1tune.export.gguf_cli import add_export_parser, cmd_export  # `export`: its options live beside it
 
 OUTPUT_DTYPES = [d for d in get_args(DType) if d != "auto"]
 
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge_parser(sub)
     _add_eval_parser(sub)
     _add_convert_config_parser(sub)
+    add_export_parser(sub)
     return parser
 
 
@@ -260,10 +262,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"done: {result.steps} steps")
     if result.eval_metrics:
-        print(f"eval loss {result.eval_metrics['eval_loss']:.4f}, perplexity {result.eval_metrics['eval_perplexity']:.2f}")
+        print(_eval_line(result.eval_metrics))
     print(f"saved to {result.final_dir}" + (f"; loss curve {result.loss_curve}" if result.loss_curve else ""))
     print(_time_line(result.phases))
     return 0
+
+
+def _eval_line(m: dict[str, float]) -> str:
+    """SFT: eval loss and perplexity; DPO/KTO: eval loss, reward margin and preference accuracy."""
+    if "eval_perplexity" in m:
+        return f"eval loss {m['eval_loss']:.4f}, perplexity {m['eval_perplexity']:.2f}"
+    parts = [f"eval loss {m['eval_loss']:.4f}"]
+    if "eval_rewards/margins" in m:
+        parts.append(f"reward margin {m['eval_rewards/margins']:.4f}")
+    if "eval_rewards/accuracies" in m:
+        parts.append(f"preference accuracy {m['eval_rewards/accuracies']:.2f}")
+    return ", ".join(parts)
 
 
 def _time_line(phases: dict[str, float]) -> str:
@@ -370,6 +384,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
                            max_shard_size=args.max_shard_size)
     print(report.format())
     return 0
+
+
+command("export")(cmd_export)  # h1tune.export.gguf_cli
 
 
 @command("eval")

@@ -31,6 +31,16 @@ class H1TrainerMixin:
     def __init__(self, *args, wsd_exponential: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.wsd_exponential = wsd_exponential
+        self._check_strategy_engaged()
+
+    def _check_strategy_engaged(self) -> None:
+        """accelerate enables FSDP on GPUs only: on CPUs (torchrun, gloo) `fsdp` silently became plain DDP."""
+        for asked, engaged, name in ((self.args.fsdp, self.is_fsdp_enabled, "fsdp"),
+                                     (self.args.deepspeed, self.is_deepspeed_enabled, "deepspeed")):
+            if asked and not engaged:
+                raise H1tuneError(f"training.distributed asks for {name}, but accelerate did not engage it on "
+                                  f"{self.args.device} with {self.args.world_size} process(es) (it runs FSDP and "
+                                  "DeepSpeed on GPUs only); use training.distributed: ddp here")
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
