@@ -24,6 +24,15 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def publish_file(staged: str | Path, destination: str | Path) -> Path:
+    """Move a fully written (and checked) file into place with one rename; stage it on the same
+    filesystem (beside `destination`) so that the rename is atomic."""
+    staged, destination = Path(staged), Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staged.replace(destination)
+    return destination
+
+
 def publish_dir(staged: str | Path, destination: str | Path) -> Path:
     """Move a fully written directory into place with one rename.
 
