@@ -18,6 +18,7 @@ from typing import get_args
 from h1tune import __version__
 from h1tune.config import DType, Quantization
 from h1tune.errors import H1tuneError
+from h1tune.evaluation.cli import add_eval_parser, cmd_eval  # `eval`: its options live beside it
 from h1tune.export.gguf_cli import add_export_parser, cmd_export  # `export`: its options live beside it
 
 OUTPUT_DTYPES = [d for d in get_args(DType) if d != "auto"]
@@ -55,50 +56,6 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    "(or an OUMI training config, mapped onto them with a report)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set training.learning_rate=1e-4 (repeatable)")
-
-
-def _add_eval_parser(sub) -> None:
-    p = sub.add_parser(
-        "eval", help="held-out loss and perplexity, samples and lm-eval tasks; several models side by side",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Did the fine-tune help? Token-weighted loss and perplexity on held-out data (the assistant\n"
-        "tokens, as training scores them), generations on a prompts file, and lm-evaluation-harness tasks,\n"
-        "for one or more models, printed as one table (a column per model).\n\n"
-        "A MODEL is a preset, hub id or model directory (merged or fully fine-tuned), an adapter directory\n"
-        "(base + adapter; a QLoRA adapter on the 4-bit base it trained on), or a run directory (its final/).",
-        epilog="examples:\n"
-        "  h1tune eval tiny runs/sft --data heldout.jsonl --output eval.json\n"
-        "  h1tune eval tiny runs/sft --config run.yaml --set data.packing=true   # the run's eval set, packed\n"
-        "  h1tune eval runs/sft runs/merged --samples prompts.txt --temperature 0.7 --seed 1\n"
-        "  h1tune eval runs/sft --tasks arc_easy,my_task.yaml --limit 200 --chat-template")
-    p.add_argument("models", nargs="+", metavar="MODEL", help="preset, hub id, model directory, adapter "
-                   "directory, or run directory")
-    p.add_argument("--data", action="append", default=[], metavar="FILE",
-                   help="held-out data in any supported format (repeatable); default: the config's data.eval, "
-                   "or the data.eval_fraction of data.train that its run held out")
-    p.add_argument("--config", help="a run's YAML config: its data options (max_length, truncation, packing, "
-                   "system_prompt, ...), its eval data, and how to load the base (dtype, quantization)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, as for train, e.g. --set data.packing=true (repeatable)")
-    p.add_argument("--batch-size", type=int, help="default: training.per_device_eval_batch_size")
-    p.add_argument("--output", metavar="FILE.json", help="write every number and the settings as JSON")
-    g = p.add_argument_group("samples")
-    g.add_argument("--samples", metavar="PROMPTS_FILE", help="a .txt file (one prompt per line) or data file; "
-                   "each model's replies are shown side by side and written as JSON lines")
-    g.add_argument("--samples-output", metavar="FILE.jsonl",
-                   help="default: the --output name with .samples.jsonl, else eval_samples.jsonl")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples, seeded")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i) and harness seed")
-    g = p.add_argument_group("lm-evaluation-harness tasks (pip install 'h1tune[eval]')")
-    g.add_argument("--tasks", help="comma-separated harness task names or task YAML files (a local "
-                   "`dataset_path: json` task runs offline), e.g. arc_easy,hellaswag")
-    g.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")
-    g.add_argument("--limit", type=float, help="documents per task (a fraction of each task when below 1)")
-    g.add_argument("--chat-template", action="store_true", help="render task prompts with the model's chat template")
-    g.add_argument("--system", help="system instruction for the task prompts")
 
 
 def _add_train_parser(sub) -> None:
@@ -225,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(sub)
     _add_chat_parser(sub)
     _add_merge_parser(sub)
-    _add_eval_parser(sub)
+    add_eval_parser(sub)
     _add_convert_config_parser(sub)
     add_export_parser(sub)
     return parser
@@ -387,28 +344,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 command("export")(cmd_export)  # h1tune.export.gguf_cli
-
-
-@command("eval")
-def cmd_eval(args: argparse.Namespace) -> int:
-    from h1tune.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    from h1tune.evaluation import EvalOptions, HarnessOptions, run_eval
-    from h1tune.generate import SamplingConfig
-
-    harness = None
-    if args.tasks is not None:
-        limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
-        harness = HarnessOptions(tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
-                                 batch_size=args.batch_size or cfg.training.per_device_eval_batch_size,
-                                 num_fewshot=args.num_fewshot, limit=limit, apply_chat_template=args.chat_template,
-                                 system_instruction=args.system, seed=args.seed)
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, seed=args.seed)
-    run_eval(args.models, cfg, EvalOptions(data=args.data, batch_size=args.batch_size, output=args.output,
-                                           prompts=args.samples, samples_output=args.samples_output,
-                                           sampling=sampling, harness=harness))
-    return 0
+command("eval")(cmd_eval)  # h1tune.evaluation.cli
 
 
 class _StderrHandler(logging.StreamHandler):
