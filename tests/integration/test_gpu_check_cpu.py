@@ -21,10 +21,12 @@ REAL_ALPACA = REPO.parent / "shared" / "data" / "real" / "alpaca_en_demo.json"  
 
 
 def _alpaca(tmp: Path) -> Path:
-    """The real Alpaca demo rows when ../shared is there, else the fixture's rows repeated to 8."""
+    """The real Alpaca demo rows when ../shared is there, else the fixture's rows repeated to 8 (as plain
+    instruction/input/output rows, like the demo's: the TRL baseline reads no system or history)."""
     if REAL_ALPACA.is_file():
         return REAL_ALPACA
-    rows = json.loads((REPO / "tests/fixtures/data/alpaca.json").read_text())
+    rows = [{k: r[k] for k in ("instruction", "input", "output")}
+            for r in json.loads((REPO / "tests/fixtures/data/alpaca.json").read_text())]
     path = tmp / "alpaca.json"
     path.write_text(json.dumps([rows[i % len(rows)] for i in range(8)]))
     return path

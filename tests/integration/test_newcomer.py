@@ -121,7 +121,7 @@ def test_ctrl_c_says_how_to_resume_and_resume_takes_a_checkpoint(project, monkey
                 raise KeyboardInterrupt
 
     real = sft._train
-    monkeypatch.setattr(sft, "_train", lambda cfg, inputs, claim, callbacks: real(cfg, inputs, claim, [Interrupt()]))
+    monkeypatch.setattr(sft, "_train", lambda cfg, inputs, claim, callbacks, *rest: real(cfg, inputs, claim, [Interrupt()], *rest))
     config = write(project, training__max_steps=4)
     assert main(["train", config]) == 130
     err = capsys.readouterr().err
