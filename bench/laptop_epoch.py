@@ -40,7 +40,7 @@ def main() -> None:
         cmd = [H1TUNE, "train", str(REPO / "examples" / "quickstart.yaml"), "--overwrite",
                "--set", "model.name_or_path=0.5b", "--set", f"data.train={data}", "--set", "data.eval_fraction=0",
                "--set", "data.max_length=1024", "--set", "data.packing=true", "--set", "adapter.r=16",
-               "--set", "adapter.lora_alpha=32", "--set", "adapter.lora_dropout=0.05", "--set", "training.recipe=lora",
+               "--set", "adapter.lora_alpha=32", "--set", "adapter.lora_dropout=0.0", "--set", "training.recipe=lora",
                "--set", "training.learning_rate=2e-4", "--set", "training.num_train_epochs=1",
                "--set", "training.per_device_train_batch_size=2", "--set", f"training.max_steps={args.steps}",
                "--set", "training.logging_steps=1", "--set", "training.save_steps=100000",

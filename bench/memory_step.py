@@ -37,7 +37,9 @@ def h1tune_step(preset: str, tokens: int) -> dict:
     model = apply_adapter(model, cfg)
     plan = plan_memory("auto", model, tokens, 2 if precision.autocast else 4)
     if plan.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from h1tune.train.arguments import checkpointing_kwargs
+
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(cfg))
         model.enable_input_require_grads()
     ids = torch.randint(5, 30000, (1, tokens), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -44,7 +44,7 @@ config = SFTConfig(output_dir=out, max_length=int(max_length), per_device_train_
                    num_train_epochs=1, learning_rate=2e-4, logging_steps=10, save_strategy="no", report_to=[],
                    use_cpu=True, seed=42, **extra)
 dataset = Dataset.from_list([{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows])
-peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=%r, task_type="CAUSAL_LM")
+peft_config = LoraConfig(r=16, lora_alpha=32, target_modules=%r, task_type="CAUSAL_LM")  # peft default dropout 0
 trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                      peft_config=peft_config)
 trainer.train()

@@ -97,7 +97,8 @@ class AdapterConfig(_Section):
     method: Literal["lora", "full"] = "lora"
     r: int = Field(16, gt=0)
     lora_alpha: float = Field(32.0, gt=0)
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input; 0 (peft's default) "
+                                "because on CPU drawing the masks took ~9% of a 0.5B step")
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
     exclude_modules: list[str] = Field(default_factory=list)
     use_rslora: bool = False

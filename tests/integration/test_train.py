@@ -179,3 +179,14 @@ def test_bf16_lora_run_keeps_a_bf16_base_and_fp32_adapters_and_learns(tmp_path, 
     assert losses[-1] < losses[0]
     adapter = load_file(str(result.final_dir / "adapter_model.safetensors"))
     assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tmp_path, memorise_file, tiny_dir):
+    """Checkpointing (reentrant on one process) only trades memory for recompute: the same adapter."""
+    runs = [run_training(config(tmp_path / name, memorise_file, tiny_dir, f"training.gradient_checkpointing={flag}",
+                                "training.max_steps=3"))
+            for name, flag in (("plain", "false"), ("ckpt", "true"))]
+    plain, ckpt = (load_file(str(r.final_dir / "adapter_model.safetensors")) for r in runs)
+    assert plain.keys() == ckpt.keys()
+    assert max((plain[k] - ckpt[k]).abs().max().item() for k in plain) < 1e-6
+    assert any(plain[k].abs().sum() > 0 for k in plain if "lora_B" in k)  # it trained

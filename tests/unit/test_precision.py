@@ -11,22 +11,24 @@ from h1tune.config import load_config
 
 @pytest.fixture()
 def cpu_flags(monkeypatch, tmp_path):
-    """Pretend /proc/cpuinfo lists `flags` (and no CUDA)."""
-    def use(flags: str):
+    """Pretend /proc/cpuinfo lists `flags` and GEMM runs at `speeds` (fp32, bf16) GFLOP/s (and no CUDA)."""
+    def use(flags: str, speeds: tuple[float, float] = (180.0, 410.0)):
         info = tmp_path / "cpuinfo"
         info.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n")
         monkeypatch.setattr(precision, "Path", lambda _: info)
+        monkeypatch.setattr(precision, "gemm_speeds", lambda: speeds)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         monkeypatch.delenv("H1TUNE_CPU_BF16", raising=False)
-        precision.cpu_native_bf16.cache_clear()
+        precision.cpu_bf16_flag.cache_clear()
     yield use
-    precision.cpu_native_bf16.cache_clear()
+    precision.cpu_bf16_flag.cache_clear()
 
 
 def test_native_bf16_cpu_trains_lora_with_a_bf16_base_and_full_ft_with_fp32_masters(cpu_flags):
     cpu_flags("avx512f avx512_bf16")
     lora = precision.training_precision(load_config(None))
     assert (lora.weights, lora.autocast) == ("bfloat16", True) and "avx512_bf16" in lora.reason
+    assert "bf16 GEMM 410 vs fp32 180 GFLOP/s measured" in lora.reason
     full = precision.training_precision(load_config(None, ["adapter.method=full"]))
     assert (full.weights, full.autocast) == ("float32", True)
     forced = precision.training_precision(load_config(None, ["model.dtype=float32"]))
@@ -37,10 +39,17 @@ def test_cpu_without_native_bf16_or_with_the_override_trains_in_fp32(cpu_flags, 
     cpu_flags("avx512f")
     plain = precision.training_precision(load_config(None))
     assert (plain.weights, plain.autocast) == ("float32", False) and "no native bf16" in plain.reason
+    cpu_flags("avx512_bf16", speeds=(292.0, 164.0))  # the flag, but bf16 measured slower (a Xeon here)
+    slow = precision.training_precision(load_config(None))
+    assert slow.weights == "float32" and "bf16 GEMM measured 164 vs fp32 292" in slow.reason
     cpu_flags("amx_bf16")
     monkeypatch.setenv("H1TUNE_CPU_BF16", "0")
-    precision.cpu_native_bf16.cache_clear()
     assert precision.training_precision(load_config(None)).weights == "float32"
+
+
+def test_the_gemm_measurement_reports_both_speeds():
+    fp32, bf16 = precision.gemm_speeds.__wrapped__(size=128, repeats=2)
+    assert fp32 > 0 and bf16 > 0
 
 
 def test_bf16_autocast_loss_gap_is_reported_for_fp32_weights():

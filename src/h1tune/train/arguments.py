@@ -54,7 +54,7 @@ def trainer_kwargs(cfg: H1tuneConfig, batch_tokens: int, has_eval: bool) -> tupl
         seed=t.seed,
         data_seed=t.seed,
         gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        gradient_checkpointing_kwargs=checkpointing_kwargs(cfg) if t.gradient_checkpointing else None,
         bf16=training_precision(cfg).autocast,  # CUDA, or a CPU with native bf16 (h1tune.precision)
         fp16=dtype == "float16" and on_cuda,
         use_cpu=not on_cuda,
@@ -67,3 +67,10 @@ def trainer_kwargs(cfg: H1tuneConfig, batch_tokens: int, has_eval: bool) -> tupl
     )
     args.update(strategies.trainer_overrides(t))  # fsdp / deepspeed, the same under any launcher
     return args, {**opt, "wsd_exponential": wsd}
+
+
+def checkpointing_kwargs(cfg: H1tuneConfig) -> dict[str, bool]:
+    """Reentrant checkpointing on one process: a 0.5B LoRA step at 1,024 tokens peaked at 3.96 GiB with
+    it and 4.85 GiB non-reentrant (same time). Several processes keep non-reentrant, which DDP and FSDP
+    need (reentrant backward marks parameters ready twice)."""
+    return {"use_reentrant": cfg.training.distributed == "none"}

@@ -21,6 +21,9 @@ GiB = 2**30
 # Mamba mixer (in_proj output is ~2.5x hidden, the scan's states and chunked intermediates) and the
 # MLP. Calibrated: 0.5B shape, fp32, 2x1024 tokens, no checkpointing, ~19 GB above the weights.
 ACTIVATION_FACTOR = 62
+# With checkpointing, backward holds one recomputed layer plus its gradients and the allocator's
+# slack: measured 7.9 GiB peak RSS for that 0.5B step (bench/laptop_epoch.py), i.e. ~8 layers' worth.
+RECOMPUTE_LAYERS = 8
 FIT_FRACTION = 0.8  # use at most this share of the memory available when the run starts
 RUNTIME_OVERHEAD = int(0.8 * GiB)  # interpreter, torch, libraries, data
 
@@ -64,7 +67,7 @@ def estimate_bytes(model, tokens_per_step: int, checkpointing: bool, act_bytes: 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * (4 + 4 + 8)  # fp32 grad + Adam
     hidden, layers = config.hidden_size, config.num_hidden_layers
     per_layer = tokens_per_step * ACTIVATION_FACTOR * hidden * act_bytes
-    activations = (tokens_per_step * layers * hidden * act_bytes * 2 + per_layer if checkpointing
+    activations = (tokens_per_step * layers * hidden * act_bytes * 2 + RECOMPUTE_LAYERS * per_layer if checkpointing
                    else per_layer * layers)
     logits = tokens_per_step * config.vocab_size * 4 * 3  # fp32 logits, softmax and its gradient
     return weights + trainable + activations + logits + RUNTIME_OVERHEAD
