@@ -115,7 +115,6 @@ def test_unknown_key_suggests_the_closest_valid_one():
 @pytest.mark.parametrize("objective", ["sft", "dpo", "kto"])
 def test_init_config_writes_every_key_and_loads_for_each_objective(objective, tmp_path):
     from h1tune.cli import main
-    from h1tune.config import H1tuneConfig
 
     out = tmp_path / f"{objective}.yaml"
     assert main(["init-config", str(out), "--objective", objective]) == 0

@@ -15,8 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from h1tune.data.conversation import raise_problems
-from h1tune.data.formats import RowError, detect_format
+from h1tune.data.formats import detect_format
 from h1tune.data.prepare import hold_out
 from h1tune.data.preference import (
     PREFERENCE_FORMATS, PreferencePair, describe_formats, detect_preference_format, expected_keys, is_paired,
@@ -24,7 +23,7 @@ from h1tune.data.preference import (
 )
 from h1tune.data.preference_summary import PreferenceStats, PreferenceSummary
 from h1tune.data.preference_tokens import encode_pair, encode_unpaired, fit_pair, fit_unpaired
-from h1tune.data.sources import SourceData, apply_weight, source_rows
+from h1tune.data.sources import SourceData, apply_weight, parse_rows, source_rows
 from h1tune.data.summary import SourceStats
 from h1tune.errors import DataError
 
@@ -66,16 +65,8 @@ def read_preference_source(source, objective: str) -> SourceData:
     """Read and parse one `DataSourceConfig`; every bad row is reported in one DataError."""
     name, rows = source_rows(source)
     fmt = _source_format(name, source.format, rows[0][0], objective)
-    examples, problems = [], []
-    for number, (row, line) in enumerate(rows, start=1):
-        try:
-            examples.append(parse_preference_row(row, fmt, name, number, line))
-        except RowError as exc:
-            where = f"{name}:{line}" if line is not None else f"{name} row {number}"
-            problems.append(f"{where}: {exc}")
-    if problems and not examples and source.format == "auto":
-        problems.append(f"{name}: detected format {fmt!r} (keys {expected_keys(fmt)}) from the first row")
-    raise_problems(problems)
+    examples = parse_rows(name, rows, fmt, parse_preference_row, detected=source.format == "auto",
+                          expected=expected_keys)
     return SourceData(path=name, format=fmt, weight=source.weight, conversations=examples)
 
 

@@ -158,6 +158,23 @@ def source_rows(source) -> tuple[str, list[tuple[Any, int | None]]]:
     return name, rows
 
 
+def parse_rows(name: str, rows: list[tuple[Any, int | None]], fmt: str, parse, detected: bool,
+               expected=expected_keys) -> list:
+    """`parse(row, fmt, name, row_number, line)` for every row; every bad row reported in one DataError,
+    naming the detected format when no row parsed (SFT and preference sources alike)."""
+    items, problems = [], []
+    for number, (row, line) in enumerate(rows, start=1):
+        try:
+            items.append(parse(row, fmt, name, number, line))
+        except RowError as exc:
+            where = f"{name}:{line}" if line is not None else f"{name} row {number}"
+            problems.append(f"{where}: {exc}")
+    if problems and not items and detected:
+        problems.append(f"{name}: detected format {fmt!r} (keys {expected(fmt)}) from the first row")
+    raise_problems(problems)
+    return items
+
+
 def read_source(source) -> SourceData:
     """Read and parse one `DataSourceConfig`; every bad row is reported in one DataError."""
     name, rows = source_rows(source)
@@ -176,17 +193,8 @@ def read_source(source) -> SourceData:
     if fmt not in FORMATS:
         raise DataError(f"{name}: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
 
-    conversations, problems, unused = [], [], Counter()
-    for number, (row, line) in enumerate(rows, start=1):
-        unused.update(unused_keys(row, fmt))
-        try:
-            conversations.append(to_conversation(row, fmt, name, number, line))
-        except RowError as exc:
-            where = f"{name}:{line}" if line is not None else f"{name} row {number}"
-            problems.append(f"{where}: {exc}")
-    if problems and not conversations and source.format == "auto":
-        problems.append(f"{name}: detected format {fmt!r} (keys {expected_keys(fmt)}) from the first row")
-    raise_problems(problems)
+    unused = Counter(key for row, _ in rows for key in unused_keys(row, fmt))
+    conversations = parse_rows(name, rows, fmt, to_conversation, detected=source.format == "auto")
     if unused:
         log.warning("%s: format %r does not use %s; those fields are ignored (set `format:` on this source if "
                     "the detection is wrong)", name, fmt,

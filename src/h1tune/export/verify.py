@@ -155,7 +155,6 @@ def model_outputs(model, prompts: list[list[int]], greedy_tokens: int = 16, eos_
 
 def compare(reference: Outputs, other: Outputs) -> Comparison:
     """Max/mean |Δlogit| over every prompt position, top-1 agreement and identical greedy decodes."""
-    import torch
 
     diffs = [(a - b).abs() for a, b in zip(reference.logits, other.logits)]
     positions = sum(d.shape[0] for d in diffs)

@@ -35,11 +35,20 @@ def plot_loss_curve(output_dir: str | Path) -> Path | None:
         ax.plot(*zip(*train), label="train loss")
     if evals:
         ax.plot(*zip(*evals), marker="o", label="eval loss")
+    _label(ax, "loss")
+    return _save(fig, Path(output_dir) / LOSS_CURVE_FILE)
+
+
+def _label(ax, ylabel: str) -> None:
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
-    path = Path(output_dir) / LOSS_CURVE_FILE
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -67,13 +76,6 @@ def plot_rewards_curve(output_dir: str | Path) -> Path | None:
             points = [(r["step"], r[prefix + key]) for r in records if prefix + key in r]
             if points:
                 ax.plot(*zip(*points), label=f"{prefix.rstrip('_') or 'train'} {label}", **style)
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    path = Path(output_dir) / REWARDS_CURVE_FILE
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+        _label(ax, label)
+    return _save(fig, Path(output_dir) / REWARDS_CURVE_FILE)
 
