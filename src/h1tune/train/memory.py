@@ -22,7 +22,8 @@ GiB = 2**30
 # MLP. Calibrated: 0.5B shape, fp32, 2x1024 tokens, no checkpointing, ~19 GB above the weights.
 ACTIVATION_FACTOR = 62
 # With checkpointing, backward holds one recomputed layer plus its gradients and the allocator's
-# slack: measured 7.9 GiB peak RSS for that 0.5B step (bench/laptop_epoch.py), i.e. ~8 layers' worth.
+# slack: that 0.5B step peaked at 7.9 GiB with non-reentrant checkpointing and 6.2 GiB with reentrant
+# (bench/laptop_epoch.py); the estimate keeps the larger (~8 layers' worth), so it errs on fitting.
 RECOMPUTE_LAYERS = 8
 FIT_FRACTION = 0.8  # use at most this share of the memory available when the run starts
 RUNTIME_OVERHEAD = int(0.8 * GiB)  # interpreter, torch, libraries, data
