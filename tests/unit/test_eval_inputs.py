@@ -151,3 +151,27 @@ def test_unknown_task_names_are_refused_before_any_model_loads(monkeypatch, caps
     assert main(["eval", "tiny", "--tasks", f"arc_easy,no_such_task,{MC_TASK}"]) == 2
     err = capsys.readouterr().err
     assert "unknown task(s) 'no_such_task'" in err and "arc_easy" not in err
+
+
+def test_preference_files_are_scored_on_their_preferred_completions_only(tiny_tokenizer):
+    """Pairs give their chosen completion, KTO files their desirable ones; prompts carry no label."""
+    from h1tune.config import DataConfig
+    from h1tune.data.preference_prepare import read_preference_source
+    from h1tune.data.preference_tokens import encode_pair
+
+    pairs_file = FIXTURES / "data" / "preference_trl.jsonl"
+    data_cfg = DataConfig(eval=[str(pairs_file)], max_length=512)
+    items = read_eval_conversations(data_cfg, seed=0)
+    examples, dropped = tokenize_eval(items, tiny_tokenizer, data_cfg)
+    pairs = read_preference_source(data_cfg.eval[0], "dpo").conversations
+    assert len(examples) == len(pairs) and dropped == 0
+    for example, pair in zip(examples, pairs):
+        encoded = encode_pair(pair, tiny_tokenizer, data_cfg)  # DPO training's own tokens
+        assert example["input_ids"] == encoded["prompt_ids"] + encoded["chosen_ids"]
+        assert [t for t in example["labels"] if t != -100] == encoded["chosen_ids"]
+
+    kto_file = FIXTURES / "data" / "kto_messages.jsonl"
+    kto_cfg = DataConfig(eval=[str(kto_file)], max_length=512)
+    rows = [json.loads(line) for line in kto_file.read_text().splitlines() if line.strip()]
+    kto_items = read_eval_conversations(kto_cfg, seed=0)
+    assert len(kto_items) == sum(1 for r in rows if r["label"]) < len(rows)

@@ -43,42 +43,83 @@ class LossResult:
         return {**asdict(self), "perplexity": self.perplexity}
 
 
-def read_eval_conversations(data_cfg: DataConfig, seed: int) -> list[Conversation]:
-    """The held-out conversations of `data_cfg`, read and parsed once, before any model loads.
+def read_eval_conversations(data_cfg: DataConfig, seed: int) -> list:
+    """The held-out items of `data_cfg`, read and parsed once, before any model loads.
 
     `data.eval` sources when given (weighted as training weights them), else the `data.eval_fraction`
-    of `data.train` that training holds out with the same seed: the run's own eval set.
+    of `data.train` that training holds out with the same seed: the run's own eval set. SFT rows give
+    Conversations; preference files give their preferred completions (a pair's chosen one, KTO's
+    desirable ones), scored on the completion tokens only.
 
     Raises:
         DataError: no held-out data is named, or a file is unreadable (file and row in the message).
     """
     from h1tune.data.prepare import hold_out
-    from h1tune.data.sources import apply_weight, read_source
+    from h1tune.data.sources import apply_weight
 
     if data_cfg.eval:
-        conversations: list[Conversation] = []
+        items: list = []
         for index, source in enumerate(data_cfg.eval):
-            data = read_source(source)
+            data = _read_eval_source(source)
             # the same key as prepare_datasets, so a weighted eval source picks the same rows
-            conversations += apply_weight(data.conversations, data.weight, seed, key=f"eval:{index}:{data.path}")
-        return conversations
+            items += apply_weight(data.conversations, data.weight, seed, key=f"eval:{index}:{data.path}")
+        return items
     if data_cfg.train and data_cfg.eval_fraction > 0:
-        return hold_out([read_source(s) for s in data_cfg.train], data_cfg.eval_fraction, seed)[1]
+        return hold_out([_read_eval_source(s) for s in data_cfg.train], data_cfg.eval_fraction, seed)[1]
     raise DataError("eval data: none given; pass --data FILE (any supported format), or a --config whose "
                     "data.eval (or data.eval_fraction of data.train) names held-out data")
 
 
-def tokenize_eval(conversations: list[Conversation], tokenizer, data_cfg: DataConfig) -> tuple[list[dict], int]:
-    """Tokenized examples with assistant-only labels, exactly as training builds them; and the drop count."""
+def _read_eval_source(source):
+    """An SFT source as Conversations, or a preference source as its preferred completions."""
+    from h1tune.data.preference import PREFERENCE_FORMATS, detect_preference_format, is_paired
+    from h1tune.data.sources import read_source, source_rows
+
+    fmt = source.format if source.format != "auto" else detect_preference_format(source_rows(source)[1][0][0])
+    if fmt not in PREFERENCE_FORMATS:
+        return read_source(source)
+    from h1tune.data.preference_prepare import read_preference_source
+
+    data = read_preference_source(source, "dpo" if is_paired(fmt) else "kto")
+    preferred = [item.unpaired()[0] if hasattr(item, "unpaired") else item for item in data.conversations]
+    data.conversations = [item for item in preferred if item.label]
+    return data
+
+
+def tokenize_eval(items: list, tokenizer, data_cfg: DataConfig) -> tuple[list[dict], int]:
+    """Tokenized examples with assistant-only (or completion-only) labels, exactly as training builds
+    them; and the drop count."""
     from h1tune.data.prepare import tokenize_split
 
+    conversations = [item for item in items if isinstance(item, Conversation)]
     examples, stats = tokenize_split(conversations, tokenizer, data_cfg)
+    completions, dropped = _completion_examples([i for i in items if not isinstance(i, Conversation)],
+                                                tokenizer, data_cfg)
+    examples += completions
     scored = sum(1 for e in examples if any(label != IGNORE_INDEX for label in e["labels"][1:]))
     if not scored:
         reasons = ", ".join(f"{n} {why}" for why, n in stats.dropped.items()) or "no assistant tokens"
         raise DataError(f"eval data: no example has a token to score ({reasons}); check data.max_length "
                         f"({data_cfg.max_length}), data.truncation and that rows have assistant turns")
-    return examples, sum(stats.dropped.values())
+    return examples, sum(stats.dropped.values()) + dropped
+
+
+def _completion_examples(items: list, tokenizer, data_cfg: DataConfig) -> tuple[list[dict], int]:
+    """Preferred completions as `{input_ids, labels}` with only the completion labelled (as DPO scores it),
+    cut to data.max_length like training; the second value counts those dropped."""
+    from h1tune.data.preference_tokens import encode_unpaired
+
+    examples, dropped = [], 0
+    for item in items:
+        encoded = encode_unpaired(item, tokenizer, data_cfg)
+        prompt, completion = encoded["prompt_ids"], encoded["completion_ids"]
+        room = data_cfg.max_length - len(prompt)
+        if room < 1 or (data_cfg.truncation == "drop" and len(completion) > room):
+            dropped += 1
+            continue
+        completion = completion[:room]
+        examples.append({"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion})
+    return examples, dropped
 
 
 def token_weighted_loss(model, items: list, collator, batch_size: int) -> tuple[float, int]:
@@ -107,7 +148,7 @@ def token_weighted_loss(model, items: list, collator, batch_size: int) -> tuple[
     return (loss_sum / max(tokens, 1)).item(), tokens
 
 
-def heldout_loss(model, tokenizer, conversations: list[Conversation], data_cfg: DataConfig,
+def heldout_loss(model, tokenizer, conversations: list, data_cfg: DataConfig,
                  batch_size: int) -> LossResult:
     """Tokenize `conversations` for this model, batch them like training (padded or packed), score them."""
     from h1tune.train.batching import make_batches
