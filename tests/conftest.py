@@ -37,3 +37,19 @@ def tiny_tokenizer():
     from h1tune.presets import build_tokenizer
 
     return build_tokenizer()
+
+
+@pytest.fixture
+def stop_after_save():
+    """A callback class that interrupts a run (like Ctrl-C) right after the checkpoint of `step`."""
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        def __init__(self, step):
+            self.step = step
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == self.step:
+                raise KeyboardInterrupt
+
+    return StopAfter

@@ -25,19 +25,11 @@ def _bypassed_linears(model) -> list[str]:
 
 def _forced_lora(model):
     """Default targets plus the bypassed Linears, past peft's guard (h1tune itself refuses them)."""
-    import peft.tuners.tuners_utils as tuners_utils
-    from peft import LoraConfig, get_peft_model
-
     from h1tune.adapters.lora import resolve_targets
     from h1tune.config import AdapterConfig
+    from h1tune.presets import lora_past_mamba_guard
 
-    names = resolve_targets(model, AdapterConfig()) + _bypassed_linears(model)
-    guard = tuners_utils._check_lora_target_modules_mamba
-    tuners_utils._check_lora_target_modules_mamba = lambda *a, **k: None
-    try:
-        return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=names, lora_dropout=0.0))
-    finally:
-        tuners_utils._check_lora_target_modules_mamba = guard
+    return lora_past_mamba_guard(model, resolve_targets(model, AdapterConfig()) + _bypassed_linears(model))
 
 
 def _group_rows(label: str, report) -> list[list]:

@@ -240,3 +240,37 @@ def cached_preset(preset: str, seed: int = 0) -> Path:
     if not marker.is_file() or json.loads(marker.read_text()).get("build") != PRESET_BUILD:
         init_model(path, preset=preset, seed=seed, overwrite=True)
     return path
+
+
+def long_memory(model, seed: int = 1):
+    """Make every Mamba mixer remember far back (small decay rates, slow dt), in place.
+
+    With the random init the SSM state fades within a few tokens, so a leak across a packed document
+    boundary would hardly show; exactness tests and the GPU check use this to make one visible.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mamba.A_log.copy_(torch.log(torch.empty(layer.mamba.A_log.shape).uniform_(0.01, 0.1, generator=gen)))
+            layer.mamba.dt_bias.fill_(-3.0)
+    return model
+
+
+def lora_past_mamba_guard(model, module_names: list[str], r: int = 8, lora_alpha: float = 16):
+    """peft LoRA on exactly `module_names`, past peft's Mamba guard, which refuses out_proj and conv1d.
+
+    h1tune refuses such adapters itself; tests and the GPU check build one to show the probe flags the
+    kernel bypass. Never a training path.
+    """
+    import peft.tuners.tuners_utils as tuners_utils
+    from peft import LoraConfig, get_peft_model
+
+    guard = tuners_utils._check_lora_target_modules_mamba
+    tuners_utils._check_lora_target_modules_mamba = lambda *a, **k: None
+    try:
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(module_names),
+                                                lora_dropout=0.0))
+    finally:
+        tuners_utils._check_lora_target_modules_mamba = guard

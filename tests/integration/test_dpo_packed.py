@@ -13,7 +13,7 @@ from datasets import Dataset
 from h1tune import ssm
 from h1tune.adapters import apply_adapter
 from h1tune.config import config_from_dict
-from h1tune.presets import build_model
+from h1tune.presets import build_model, long_memory
 from h1tune.train.arguments import trainer_kwargs
 from h1tune.train.packed_pairs import PackedPairCollator
 from h1tune.train.preference import preference_arguments
@@ -23,15 +23,6 @@ from h1tune.train.reference import reference_model
 # (prompt, chosen, rejected) lengths: very different, some a single token
 SHAPES = [(3, 40, 2), (25, 1, 30), (1, 7, 7), (12, 18, 3)]
 PACK_LENGTH = 64  # several sequences per row, rows of different fill
-
-
-def _long_memory(model):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mamba.A_log.copy_(torch.log(torch.empty(layer.mamba.A_log.shape).uniform_(0.01, 0.1, generator=g)))
-            layer.mamba.dt_bias.fill_(-3.0)
-    return model
 
 
 def _pairs():
@@ -49,7 +40,7 @@ def _cfg(tmp_path, *, method="lora", loss_type="sigmoid", beta=0.1):
 
 def _trainer(cfg, tiny_tokenizer, randomise=True):
     ssm.install()
-    model = _long_memory(build_model("tiny", seed=0, mamba_chunk_size=16, initializer_range=0.1,
+    model = long_memory(build_model("tiny", seed=0, mamba_chunk_size=16, initializer_range=0.1,
                                      lm_head_multiplier=1.0, ssm_out_multiplier=1.0))
     torch.manual_seed(0)
     model = apply_adapter(model, cfg)

@@ -85,22 +85,11 @@ def test_sft_then_dpo_from_the_sft_adapter_through_the_cli(tmp_path, separable_f
     assert not (final / "ref").exists(), "the frozen reference copy is not part of the result"
 
 
-class StopAfter(TrainerCallback):
-    """Simulates an interruption right after a checkpoint."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
-
-
-def test_dpo_resume_equals_an_uninterrupted_run(tmp_path, separable_file, tiny_dir):
+def test_dpo_resume_equals_an_uninterrupted_run(tmp_path, separable_file, tiny_dir, stop_after_save):
     run_training(config(tmp_path / "a", separable_file, tiny_dir))
     interrupted = config(tmp_path / "b", separable_file, tiny_dir)
     with pytest.raises(KeyboardInterrupt):
-        run_training(interrupted, callbacks=[StopAfter(4)])
+        run_training(interrupted, callbacks=[stop_after_save(4)])
     assert [p.name for p in complete_checkpoints(tmp_path / "b" / "run")] == ["checkpoint-4"]
     resumed = run_training(interrupted)
     assert resumed.steps == 8

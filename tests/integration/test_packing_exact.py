@@ -13,26 +13,17 @@ import torch
 import transformers.models.falcon_h1.modeling_falcon_h1 as mf
 from h1tune import ssm
 from h1tune.data.packing import collate_packed, pack_examples
-from h1tune.presets import build_model
+from h1tune.presets import build_model, long_memory
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 # with chunk 16: starts at 0, 7, 8 (mid-chunk), 28 (spans 32 and 48), 63 (1 token, chunk end), 64, 65
 LENGTHS = [7, 1, 20, 35, 1, 1, 9]
 
 
-def _long_memory(model):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mamba.A_log.copy_(torch.log(torch.empty(layer.mamba.A_log.shape).uniform_(0.01, 0.1, generator=g)))
-            layer.mamba.dt_bias.fill_(-3.0)
-    return model
-
-
 @pytest.fixture(scope="module")
 def model():
     ssm.install()
-    return _long_memory(build_model(
+    return long_memory(build_model(
         "tiny", seed=0, mamba_chunk_size=16, initializer_range=0.1, lm_head_multiplier=1.0, ssm_out_multiplier=1.0
     ))
 

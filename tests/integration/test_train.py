@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from h1tune.config import load_config
 from h1tune.errors import H1tuneError
@@ -68,24 +67,13 @@ def test_lora_sft_learns_changes_only_lora_and_loads_with_plain_peft(tmp_path, m
             assert torch.equal(p, original), f"base parameter {name} changed"
 
 
-class StopAfter(TrainerCallback):
-    """Simulates an interruption right after a checkpoint."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
-
-
-def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, memorise_file, tiny_dir):
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, memorise_file, tiny_dir, stop_after_save):
     straight = config(tmp_path / "a", memorise_file, tiny_dir, "adapter.lora_dropout=0.1")
     run_training(straight)
 
     interrupted = config(tmp_path / "b", memorise_file, tiny_dir, "adapter.lora_dropout=0.1")
     with pytest.raises(KeyboardInterrupt):
-        run_training(interrupted, callbacks=[StopAfter(4)])
+        run_training(interrupted, callbacks=[stop_after_save(4)])
     assert [p.name for p in complete_checkpoints(tmp_path / "b" / "run")] == ["checkpoint-4"]
     resumed = run_training(interrupted)  # same config: resumes automatically
     assert resumed.steps == 8

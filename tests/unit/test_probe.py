@@ -6,17 +6,15 @@ out_proj weights raw, as the real kernel does on a GPU.
 
 from __future__ import annotations
 
-import peft.tuners.tuners_utils as tuners_utils
 import pytest
 import torch
 from fused_double import fused_kernel, fused_kernel_installed  # noqa: F401  (fused_kernel: pytest fixture)
-from peft import LoraConfig, get_peft_model
 
 from h1tune.adapters import apply_adapter
 from h1tune.adapters.lora import resolve_targets
 from h1tune.config import AdapterConfig, H1tuneConfig
 from h1tune.adapters.probe import ProbeError, probe_adapters
-from h1tune.presets import build_model
+from h1tune.presets import build_model, lora_past_mamba_guard
 
 LAYERS = 2
 
@@ -37,13 +35,7 @@ def _base():
 def _lora_with_out_proj(model):
     """Force an out_proj adapter past peft's Mamba guard (h1tune itself refuses it)."""
     names = resolve_targets(model, AdapterConfig(target_modules=["mamba"]))
-    names += [n.replace("in_proj", "out_proj") for n in names]
-    original = tuners_utils._check_lora_target_modules_mamba
-    tuners_utils._check_lora_target_modules_mamba = lambda *a, **k: None
-    try:
-        return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=names, lora_dropout=0.0))
-    finally:
-        tuners_utils._check_lora_target_modules_mamba = original
+    return lora_past_mamba_guard(model, names + [n.replace("in_proj", "out_proj") for n in names], r=4, lora_alpha=8)
 
 
 def test_double_matches_the_torch_path(batch):
