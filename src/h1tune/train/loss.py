@@ -81,7 +81,9 @@ def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: Any, mu
         return torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, shift_labels.numel(), step):
+    # at least one (maybe empty) chunk: a row with no labelled token still gives a loss in the graph,
+    # which DDP needs to reduce gradients on every rank (transformers' loss is one too)
+    for start in range(0, max(shift_labels.numel(), 1), step):
         h, y = shift_hidden[start:start + step], shift_labels[start:start + step]
         total = total + (checkpoint(chunk_loss, h, y, use_reentrant=False) if torch.is_grad_enabled()
                          else chunk_loss(h, y))

@@ -17,7 +17,7 @@ from transformers import Trainer
 
 from h1tune.errors import H1tuneError
 from h1tune.train import recipes, run_dir, sharding
-from h1tune.train.loss import row_loss_sums, shifted_cross_entropy, token_loss_sum
+from h1tune.train.loss import chunked_lm_loss, row_loss_sums, shifted_cross_entropy, token_loss_sum
 
 __all__ = ["H1Trainer", "H1TrainerMixin", "STAGING_DIR", "shifted_cross_entropy", "token_loss_sum"]
 
@@ -101,7 +101,37 @@ class H1TrainerMixin:
 
 
 class H1Trainer(H1TrainerMixin, Trainer):
-    """The HF Trainer with h1tune's guarantees (H1TrainerMixin) and a token-weighted evaluation."""
+    """The HF Trainer with h1tune's guarantees (H1TrainerMixin), a chunked training loss and a
+    token-weighted evaluation."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The training loss from the final hidden states, a chunk of tokens at a time (loss.chunked_lm_loss).
+
+        transformers' loss needs the whole [tokens, vocab] logits and their gradient: ~0.8 GB at 2x1024
+        tokens of a 32k vocabulary, the largest single item of a LoRA step's peak. The model runs
+        through every wrapper as usual, with `logits_to_keep=1`; a hook takes the normed hidden states.
+        Same value and gradients as the model's own loss, its normalisation included (a sum divided by
+        the Trainer's `num_items_in_batch`, or a mean). Under FSDP/DeepSpeed the lm_head's weights
+        exist whole only inside the wrapped forward, so there the model computes its loss itself.
+        """
+        causal_lm = _causal_lm(self.accelerator.unwrap_model(model))
+        if (return_outputs or not model.training or causal_lm is None or self.is_fsdp_enabled
+                or self.is_deepspeed_enabled or self.label_smoother is not None or self.compute_loss_func):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        captured = []
+        hook = causal_lm.model.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+        try:
+            model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=1, use_cache=False)
+        finally:
+            hook.remove()
+        total, count = chunked_lm_loss(captured[-1], inputs["labels"], causal_lm.lm_head,
+                                       causal_lm.model.lm_head_multiplier)
+        if not (self.model_accepts_loss_kwargs and num_items_in_batch is not None):
+            return total / max(count, 1)
+        loss = total / torch.as_tensor(num_items_in_batch).to(total.device)
+        if self.args.average_tokens_across_devices:  # as Trainer.compute_loss: the mean over ranks undoes it
+            loss = loss * self.accelerator.num_processes
+        return loss
 
     def get_train_dataloader(self):
         """Several processes: every real row once per epoch, in the single-process order (sharding.py)."""
@@ -139,3 +169,10 @@ class H1Trainer(H1TrainerMixin, Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+
+def _causal_lm(model):
+    """The FalconH1ForCausalLM inside `model` (peft wraps it), or None for any other model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    has_parts = hasattr(inner, "lm_head") and hasattr(getattr(inner, "model", None), "lm_head_multiplier")
+    return inner if has_parts else None
