@@ -198,6 +198,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     launched = launch_from_cli(args, cfg)  # --nproc: every process runs this command without it
     if launched is not None:
         return launched
+    if args.own_process:
+        _hide_unused_bitsandbytes(cfg)
     from h1tune.train.sft import run_training
 
     try:
@@ -223,6 +225,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"saved to {result.final_dir}" + (f"; loss curve {result.loss_curve}" if result.loss_curve else ""))
     print(_time_line(result.phases))
     return 0
+
+
+def _hide_unused_bitsandbytes(cfg) -> None:
+    """peft imports bitsandbytes whether or not anything is quantized (peft.helpers): ~1 s of a small
+    run's ~20. A run that neither quantizes nor loads a quantized checkpoint never calls it, so the
+    process imports without it (peft and transformers then see it as not installed). Only in a process
+    the command owns: a Python session calling main() keeps its modules."""
+    if cfg.model.quantization != "none" or "bitsandbytes" in sys.modules:
+        return
+    from h1tune.model import read_model_config
+
+    _, hf_config = read_model_config(cfg.model)
+    if getattr(hf_config, "quantization_config", None) is None:
+        sys.modules["bitsandbytes"] = None  # `import bitsandbytes` raises ImportError; find_spec says None
 
 
 def _eval_line(m: dict[str, float]) -> str:
@@ -371,6 +387,7 @@ def cmd_convert_config(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.own_process = argv is None  # the console command, not a caller's Python session
     logger = logging.getLogger("h1tune")
     if not logger.handlers:
         handler = _StderrHandler()

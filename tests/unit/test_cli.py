@@ -47,3 +47,19 @@ def test_generate_streams_a_reply_from_a_model_directory(tiny_dir, capsys):
     reply = generate_reply(model, tokenizer, [{"role": "user", "content": "Hello"}],
                            SamplingConfig(max_new_tokens=5), stream=False)
     assert reply.strip() and streamed.strip() == reply.strip()  # greedy: the CLI streamed exactly this reply
+
+
+def test_the_train_command_runs_without_bitsandbytes_when_nothing_is_quantized(tmp_path, tiny_dir):
+    """peft imports bitsandbytes (~1 s) whether or not it is used: the console command hides it from a
+    run that quantizes nothing, and a caller's session calling main() keeps its modules."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n' * 4)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {{name_or_path: {tiny_dir}}}\ndata: {{train: {data}}}\n"
+                      f"training: {{max_steps: 1, report_to: [none]}}\noutput_dir: {tmp_path / 'out'}\n")
+    code = ("import sys, h1tune.cli as cli; sys.argv = ['h1tune', 'train', sys.argv[1]]; rc = cli.main(); "
+            "print('RESULT', rc, sys.modules.get('bitsandbytes', 'never imported'))")
+    done = subprocess.run([sys.executable, "-c", code, str(config)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "RESULT 0 None" in done.stdout  # hidden: an import of it raised ImportError, peft ran without it
+    assert (tmp_path / "out" / "final" / "adapter_model.safetensors").exists()

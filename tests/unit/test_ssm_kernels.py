@@ -67,6 +67,18 @@ def test_packed_scan_matches_per_document_recurrence(groups):
     torch.testing.assert_close(final.double(), want_final, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cpu_chunk", [kernels.CPU_CHUNK_SIZE, 16, 128])
+def test_the_cpu_chunk_size_does_not_change_the_result(monkeypatch, cpu_chunk):
+    """On CPU the scan caps the model's chunk size (faster); any chunk gives the recurrence's result."""
+    monkeypatch.setattr(kernels, "CPU_CHUNK_SIZE", cpu_chunk)
+    lengths = [70, 3, 150, 77]  # documents that start mid-chunk and span several chunks
+    seq_idx = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(lengths)])[None]
+    inp = _scan_inputs(sum(lengths), groups=2)
+    y = kernels.mamba_chunk_scan_combined(**inp, chunk_size=128, dt_softplus=True, seq_idx=seq_idx)
+    want, _ = _recurrence(**inp, seq_idx=seq_idx)
+    torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("length,chunk,groups", [(37, 8, 1), (64, 16, 2), (3, 16, 1)])
 def test_unpacked_scan_equals_transformers_forward_and_backward(length, chunk, groups):
     inp = _scan_inputs(length, groups=groups)
