@@ -410,5 +410,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console_main() -> None:
+    """The `h1tune` command: main(), then a quick exit.
+
+    After a command returns, the interpreter's own teardown (freeing every module, tensor and cached
+    object one at a time) took ~1.3 s of a 20 s training run; the OS frees a process's memory at once.
+    Exit hooks still run (logging, accelerate, TensorBoard) and the streams are flushed first.
+    """
+    import atexit
+
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

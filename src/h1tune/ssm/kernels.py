@@ -251,7 +251,10 @@ def mamba_chunk_scan_combined(
     if tuple(dt_limit) != _DEFAULT_DT_LIMIT:
         dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
 
-    xf = x.float()
+    # The mixer hands x, B and C over as views of the conv's channels-first output (time is the
+    # innermost stride); every op below runs along time, and on those views the scan took 3-4x longer.
+    xf = x.float().contiguous()
+    B, C = B.contiguous(), C.contiguous()
     xdt = _chunk(xf * dt[..., None], pad, Q)  # (b, c, Q, h, p)
     dA = _chunk(dt * A.float(), pad, Q).permute(0, 1, 3, 2)  # (b, c, h, Q)
     # float64 running sums: A_cum_l - A_cum_s cancels large numbers (hundreds after a long chunk),
