@@ -1,6 +1,6 @@
 """Whole commands, launch to saved adapter: `h1tune train` vs a plain TRL SFTTrainer + peft script.
 
-    .venv/bin/python bench/whole_process.py --rows 128 --batch-size 8       # tiny preset, Alpaca rows
+    .venv/bin/python bench/whole_process.py --rows 128 --batch-size 8 --repeat 3   # tiny preset, Alpaca rows
 
 What a user feels is the whole process: imports, data preparation, model loading, the probe,
 the loop and saving. Each mode is a fresh process, run one after another on an otherwise idle
@@ -70,6 +70,12 @@ def timed(cmd: list[str], env: dict) -> dict:
     return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "time_line": time_line}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median wall time (its own RSS and phase line), and every wall time."""
+    ordered = sorted(runs, key=lambda r: r["wall_s"])
+    return {**ordered[len(ordered) // 2], "walls": [round(r["wall_s"], 1) for r in runs]}
+
+
 def prepare(work: Path, args) -> tuple[Path, Path, str]:
     """The data file, an h1tune config over it, and the preset's directory for the TRL script."""
     rows = json.loads(ALPACA.read_text())[: args.rows]
@@ -97,6 +103,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--modes", default="h1tune,h1tune-fp32,trl,trl-fp32")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of every mode; the table shows medians")
+    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONWARNINGS": "ignore"}
@@ -111,10 +119,12 @@ def main() -> None:
             "trl-fp32": [sys.executable, str(work / "trl_sft.py"), model_dir, str(data), str(work / "trl"),
                          str(args.max_length), str(args.batch_size), "1"],
         }
-        results = {}
-        for mode in args.modes.split(","):
-            print(f"running {mode} ...", file=sys.stderr, flush=True)
-            results[mode] = timed(commands[mode], env)
+        runs: dict[str, list[dict]] = {}
+        for round_ in range(args.repeat):  # modes alternate, so a slow spell of the machine hits all of them
+            for mode in args.modes.split(","):
+                print(f"round {round_ + 1}/{args.repeat}: {mode} ...", file=sys.stderr, flush=True)
+                runs.setdefault(mode, []).append(timed(commands[mode], env))
+        results = {mode: median_run(rs) for mode, rs in runs.items()}
     print(f"\nwhole process, launch -> saved adapter: preset {args.preset}, {args.rows} alpaca rows, LoRA r16, "
           f"max_length {args.max_length}, batch {args.batch_size}, one epoch, threads "
           f"{os.environ.get('OMP_NUM_THREADS', 'default')}")
@@ -124,8 +134,9 @@ def main() -> None:
         vs = lambda base: f"{results[base]['wall_s'] / r['wall_s']:.2f}x" if base in results else "-"  # noqa: E731
         print(f"{mode:<13}{r['wall_s']:>8.1f}{r['peak_rss_mb']:>13,.0f}{vs('trl'):>19}{vs('trl-fp32'):>13}")
     for mode, r in results.items():
-        if r["time_line"]:
-            print(f"{mode}: {r['time_line']}")
+        print(f"{mode}: walls {r['walls']}" + (f"; median run's {r['time_line']}" if r["time_line"] else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Exact packed-sequence support for Falcon-H1's Mamba-2 mixer (boundary-aware torch kernels).
+"""Exact packed-sequence support for Falcon-H1's Mamba-2 mixer (boundary-aware torch kernels),
+and its attention run one document at a time on CPU (`attention.py`).
 
     from h1tune import ssm
     ssm.install()   # then: model(input_ids, position_ids=..., seq_idx=..., labels=..., use_cache=False)
@@ -11,17 +12,20 @@ Importing this package does not import torch.
 
 
 def install() -> None:
-    """Route Falcon-H1's Mamba kernel calls through h1tune's boundary-aware kernels (idempotent)."""
-    from h1tune.ssm import seam
+    """Route Falcon-H1's Mamba kernel calls through h1tune's boundary-aware kernels, and SDPA calls
+    of packed rows through the per-document attention (idempotent)."""
+    from h1tune.ssm import attention, seam
 
     seam.install()
+    attention.install()
 
 
 def uninstall() -> None:
-    """Restore transformers' own kernel functions."""
-    from h1tune.ssm import seam
+    """Restore transformers' own kernel and attention functions."""
+    from h1tune.ssm import attention, seam
 
     seam.uninstall()
+    attention.uninstall()
 
 
 def is_installed() -> bool:
