@@ -31,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="optimiser steps to time (the first is not counted)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
+    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     rows = json.loads(ALPACA.read_text())
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,6 +69,12 @@ def main() -> None:
           f"({', '.join(f'{s:.1f}' for s in step_seconds)}); this command {wall:.0f} s, peak RSS "
           f"{usage.ru_maxrss / 1024 / 1024:.1f} GiB")
     print(f"predicted epoch: {steps} x {per_step:.1f} s = {steps * per_step / 60:.0f} minutes (+ start-up, probe, saving)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "packed_rows": int(packed.group(2)), "steps": steps, "step_seconds": step_seconds, "median_step_s": per_step,
+            "predicted_minutes": steps * per_step / 60, "command_s": wall, "peak_rss_gib": usage.ru_maxrss / 2**20,
+            "tokens_per_step": 2 * 1024, "log": [line for line in out.splitlines() if line.startswith(("h1tune:", "time:"))]},
+            indent=1))
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--preset", default="0.5b")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if args.side:
         out = (h1tune_step if args.side == "h1tune" else trl_step)(args.preset, args.tokens)
@@ -103,6 +104,10 @@ def main() -> None:
     for side, r in results.items():
         print(f"  {side:<7} peak RSS {r['peak_rss_gib']:5.2f} GiB   step {r['seconds']:6.1f} s   {r['setting']}")
     print(f"  h1tune / TRL peak RSS: {results['h1tune']['peak_rss_gib'] / results['trl']['peak_rss_gib']:.2f}x")
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps({"preset": args.preset, "tokens": args.tokens, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

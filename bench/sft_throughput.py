@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if ALPACA is None:
         sys.exit("alpaca_en_demo.json not found under ../shared/data/real/")
@@ -167,6 +168,9 @@ def main() -> None:
                 rate = r["effective_tokens"] / r["train_s"]
                 print(f"{mode} vs trl-padded: {rate / base_rate:.2f}x effective tokens/s, "
                       f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x peak RSS")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "mode"},
+                                               "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,91 @@
+"""Step time vs packed sequence length, with the fitted exponent and model FLOP/s vs the GEMM peak.
+
+    .venv/bin/python bench/seq_scaling.py [--preset tiny] [--lengths 512,1024,2048,4096] [--json out.json]
+
+One LoRA r16 forward + chunked loss + backward over one packed row of ~256-token documents per
+length, through h1tune's own training path (its kernels, per-document attention, chunked loss), fp32,
+no gradient checkpointing; the median of --repeats steps after a warm-up. The exponent b of
+time ~ length^b is the least-squares slope in log-log: ~1 means the Mamba scan and per-document
+attention keep the cost linear in tokens. Model FLOPs count a frozen-base LoRA step as 4 x
+parameters x tokens (forward, and the input gradients of backward), the convention for MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+
+def packed_row(length: int, doc: int = 256):
+    import torch
+
+    sizes = [doc] * (length // doc) + ([length % doc] if length % doc else [])
+    seq_idx = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])[None].to(torch.int32)
+    position_ids = torch.cat([torch.arange(n) for n in sizes])[None]
+    ids = torch.randint(5, 1000, (1, length), generator=torch.Generator().manual_seed(length))
+    return {"input_ids": ids, "position_ids": position_ids, "seq_idx": seq_idx}, ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--lengths", default="512,1024,2048,4096")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    import torch
+
+    from h1tune import ssm
+    from h1tune.adapters import apply_adapter
+    from h1tune.config import load_config
+    from h1tune.model import load_model
+    from h1tune.precision import gemm_speeds
+    from h1tune.train.loss import chunked_lm_loss
+
+    fp32_peak, _ = gemm_speeds()
+    cfg = load_config(None, [f"model.name_or_path={args.preset}", "model.dtype=float32", "adapter.probe=false"])
+    model = apply_adapter(load_model(cfg.model, announce=False), cfg).train()
+    ssm.install()
+    inner = model.get_base_model()
+    params = sum(p.numel() for p in inner.parameters())
+
+    def step(inputs, labels) -> float:
+        start = time.perf_counter()
+        hidden = inner.model(**inputs, use_cache=False).last_hidden_state
+        total, count = chunked_lm_loss(hidden, labels, inner.lm_head, inner.model.lm_head_multiplier)
+        (total / count).backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    rows = []
+    for length in [int(x) for x in args.lengths.split(",")]:
+        inputs, labels = packed_row(length)
+        step(inputs, labels)  # warm-up
+        seconds = statistics.median(step(inputs, labels) for _ in range(args.repeats))
+        gflops = 4 * params * length / seconds / 1e9
+        rows.append({"length": length, "step_s": seconds, "tokens_per_s": length / seconds, "model_gflops": gflops,
+                     "share_of_fp32_gemm_peak": gflops / fp32_peak})
+    xs, ys = [math.log(r["length"]) for r in rows], [math.log(r["step_s"]) for r in rows]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    exponent = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+    print(f"step time vs packed length: preset {args.preset} ({params / 1e6:.1f}M parameters), LoRA r16, fp32, "
+          f"256-token documents, batch 1; fp32 GEMM peak measured {fp32_peak:.0f} GFLOP/s")
+    head = f"{'length':>7}{'step s':>9}{'tokens/s':>10}{'model GFLOP/s':>15}{'of GEMM peak':>14}"
+    print(head + "\n" + "-" * len(head))
+    for r in rows:
+        print(f"{r['length']:>7}{r['step_s']:>9.3f}{r['tokens_per_s']:>10,.0f}{r['model_gflops']:>15.1f}"
+              f"{r['share_of_fp32_gemm_peak']:>14.0%}")
+    print(f"fitted: step time ~ length^{exponent:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"preset": args.preset, "parameters": params, "fp32_gemm_gflops": fp32_peak,
+                                               "rows": rows, "exponent": exponent}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
