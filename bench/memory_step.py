@@ -27,12 +27,13 @@ def h1tune_step(preset: str, tokens: int) -> dict:
     from h1tune.adapters import apply_adapter
     from h1tune.config import load_config
     from h1tune.model import load_model
-    from h1tune.precision import autocast, training_precision
+    from h1tune.precision import autocast, flush_denormals, training_precision
     from h1tune.train.loss import chunked_lm_loss
     from h1tune.train.memory import plan_memory
 
     cfg = load_config(None, [f"model.name_or_path={preset}"])
     precision = training_precision(cfg)
+    flush_denormals()
     model = load_model(cfg.model.model_copy(update={"dtype": precision.weights}), announce=False)
     model = apply_adapter(model, cfg)
     plan = plan_memory("auto", model, tokens, 2 if precision.autocast else 4)

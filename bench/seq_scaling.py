@@ -3,7 +3,8 @@
     .venv/bin/python bench/seq_scaling.py [--preset tiny] [--lengths 512,1024,2048,4096] [--json out.json]
 
 One LoRA r16 forward + chunked loss + backward over one packed row of ~256-token documents per
-length, through h1tune's own training path (its kernels, per-document attention, chunked loss), fp32,
+length, through h1tune's own training path (its kernels, per-document attention, chunked loss, subnormals
+flushed), fp32,
 no gradient checkpointing; the median of --repeats steps after a warm-up. The exponent b of
 time ~ length^b is the least-squares slope in log-log: ~1 means the Mamba scan and per-document
 attention keep the cost linear in tokens. Model FLOPs count a frozen-base LoRA step as 4 x
@@ -44,13 +45,14 @@ def main() -> None:
     from h1tune.adapters import apply_adapter
     from h1tune.config import load_config
     from h1tune.model import load_model
-    from h1tune.precision import gemm_speeds
+    from h1tune.precision import flush_denormals, gemm_speeds
     from h1tune.train.loss import chunked_lm_loss
 
     fp32_peak, _ = gemm_speeds()
     cfg = load_config(None, [f"model.name_or_path={args.preset}", "model.dtype=float32", "adapter.probe=false"])
     model = apply_adapter(load_model(cfg.model, announce=False), cfg).train()
     ssm.install()
+    flush_denormals()  # as training does
     inner = model.get_base_model()
     params = sum(p.numel() for p in inner.parameters())
 

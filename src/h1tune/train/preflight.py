@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from h1tune.config import H1tuneConfig
-from h1tune.precision import autocast, fp32_gap, training_precision
+from h1tune.precision import autocast, flush_denormals, fp32_gap, training_precision
 
 log = logging.getLogger("h1tune")
 
@@ -107,6 +107,7 @@ def prepare_model(cfg: H1tuneConfig, inputs: Inputs, probe: bool | None = None) 
         batches = make_preference_batches(cfg, inputs.tokenizer, inputs.data)
     precision = training_precision(cfg)
     log.info("precision: %s", precision.describe())
+    flush_denormals()
     model = load_model(cfg.model.model_copy(update={"dtype": precision.weights}), shard_4bit=shards_4bit_weights(cfg))
     model.config.use_cache = False
     set_seed(cfg.training.seed)  # LoRA's initial A matrices come from the RNG: same seed, same run
