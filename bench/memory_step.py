@@ -24,9 +24,9 @@ SAFE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "gate_proj", 
 def h1tune_step(preset: str, tokens: int) -> dict:
     import torch
 
-    from h1tune.adapters import apply_adapter
+    from h1tune.adapters import apply_adapter, frozen_base
     from h1tune.config import load_config
-    from h1tune.model import load_model
+    from h1tune.model import load_model, read_model_config
     from h1tune.precision import autocast, flush_denormals, training_precision
     from h1tune.train.loss import chunked_lm_loss
     from h1tune.train.memory import plan_memory
@@ -36,6 +36,9 @@ def h1tune_step(preset: str, tokens: int) -> dict:
     flush_denormals()
     model = load_model(cfg.model.model_copy(update={"dtype": precision.weights}), announce=False)
     model = apply_adapter(model, cfg)
+    bf16_base = frozen_base.applies(cfg, precision, read_model_config(cfg.model)[1].dtype)
+    if bf16_base:  # as prepare_model
+        frozen_base.store_frozen_in_bf16(model)
     plan = plan_memory("auto", model, tokens, 2 if precision.autocast else 4)
     if plan.checkpointing:
         from h1tune.train.arguments import checkpointing_kwargs
@@ -52,7 +55,8 @@ def h1tune_step(preset: str, tokens: int) -> dict:
         total, count = chunked_lm_loss(hidden, ids, inner.lm_head, inner.model.lm_head_multiplier)
     (total / count).backward()
     opt.step()
-    return {"seconds": time.perf_counter() - start, "setting": f"{precision.describe()}; checkpointing "
+    return {"seconds": time.perf_counter() - start, "setting": f"{precision.describe()}"
+            f"{'; frozen base stored bf16' if bf16_base else ''}; checkpointing "
             f"{'on' if plan.checkpointing else 'off'} (estimate {plan.estimate / 2**30:.1f} GiB)"}
 
 
@@ -79,17 +83,38 @@ def trl_step(preset: str, tokens: int) -> dict:
             "setting": "fp32 weights, bf16 autocast, gradient checkpointing, model loss (SFTTrainer defaults)"}
 
 
+def bf16_copy(preset: str) -> str:
+    """The preset's checkpoint saved in bf16 (cached beside it), for both sides to load."""
+    from pathlib import Path
+
+    from h1tune.model import resolve_model_path
+
+    source = Path(resolve_model_path(preset))
+    out = source.with_name(source.name + "-bf16")
+    if not (out / "config.json").exists():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(out)
+        AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return str(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="0.5b")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--bf16-checkpoint", action="store_true",
+                        help="both sides load the preset saved in bf16, as hub checkpoints are")
     args = parser.parse_args()
     if args.side:
         out = (h1tune_step if args.side == "h1tune" else trl_step)(args.preset, args.tokens)
         print("RESULT " + json.dumps(out), flush=True)
         return
+    if args.bf16_checkpoint:  # the preset saved in bf16, as every hub checkpoint is
+        args.preset = bf16_copy(args.preset)
     results = {}
     for side in ("h1tune", "trl"):
         proc = subprocess.Popen([sys.executable, __file__, "--side", side, "--preset", args.preset, "--tokens",

@@ -10,7 +10,8 @@ a LoRA's frozen base is stored in bf16 (half the memory, no per-step weight cast
 adapters and every optimiser state stay fp32 (peft keeps adapter weights fp32); full fine-tuning
 keeps fp32 master weights under bf16 autocast. Other CPUs train in fp32: without native support
 a bf16 matmul was measured ~100x slower there. fp16 on a CPU is always slow (0.4-1.0 GFLOP/s).
-The Mamba scan's cumulative sums and the loss stay in fp32 or wider whatever is chosen.
+The Mamba scan's cumulative sums and the loss stay in fp32 or wider whatever is chosen. An fp32
+LoRA run from a bf16 checkpoint keeps the frozen matmul weights bf16 (adapters/frozen_base.py).
 `model.dtype: float32` forces fp32; H1TUNE_CPU_BF16=0 makes `auto` choose fp32 on every CPU
 (the test suite's exactness checks use it).
 """
