@@ -26,7 +26,7 @@ def h1tune_step(preset: str, tokens: int) -> dict:
 
     from h1tune.adapters import apply_adapter, frozen_base
     from h1tune.config import load_config
-    from h1tune.model import load_model, read_model_config
+    from h1tune.model import load_model
     from h1tune.precision import autocast, flush_denormals, training_precision
     from h1tune.train.loss import chunked_lm_loss
     from h1tune.train.memory import plan_memory
@@ -36,9 +36,7 @@ def h1tune_step(preset: str, tokens: int) -> dict:
     flush_denormals()
     model = load_model(cfg.model.model_copy(update={"dtype": precision.weights}), announce=False)
     model = apply_adapter(model, cfg)
-    bf16_base = frozen_base.applies(cfg, precision, read_model_config(cfg.model)[1].dtype)
-    if bf16_base:  # as prepare_model
-        frozen_base.store_frozen_in_bf16(model)
+    bf16_base = frozen_base.keep_frozen_in_bf16(model, cfg, precision) > 0  # as prepare_model
     plan = plan_memory("auto", model, tokens, 2 if precision.autocast else 4)
     if plan.checkpointing:
         from h1tune.train.arguments import checkpointing_kwargs

@@ -29,21 +29,19 @@ def test_document_lengths_follow_seq_idx_changes():
     assert attention.document_lengths(packed_batch()["seq_idx"]) == [[7, 30, 1, 26], [64]]
 
 
-def test_per_document_attention_equals_the_block_diagonal_mask_forward_and_backward():
+def test_per_document_attention_equals_the_block_diagonal_mask_forward_and_backward(monkeypatch):
     model = build_model("tiny", num_hidden_layers=2).train()
     batch = packed_batch()
     ssm.install()
+    calls = []
+    original = attention.document_lengths
+    monkeypatch.setattr(attention, "document_lengths", lambda seq_idx: calls.append(1) or original(seq_idx))
+    ours, our_grads = loss_and_grads(model, batch)
+    assert len(calls) == 2, "each layer's attention went through the per-document path"
+    attention.uninstall()  # transformers' SDPA with the block-diagonal mask from position_ids
     try:
-        calls = []
-        original = attention.document_lengths
-        attention.document_lengths = lambda seq_idx: calls.append(1) or original(seq_idx)
-        ours, our_grads = loss_and_grads(model, batch)
-        attention.document_lengths = original
-        assert len(calls) == 2, "each layer's attention went through the per-document path"
-        attention.uninstall()  # transformers' SDPA with the block-diagonal mask from position_ids
         theirs, their_grads = loss_and_grads(model, batch)
     finally:
-        attention.document_lengths = original
         ssm.install()
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert our_grads.keys() == their_grads.keys()

@@ -62,3 +62,13 @@ def store_frozen_in_bf16(model: Any) -> int:
         if id(weight) in stored:  # a tied lm_head meets the embedding's tensor already stored
             module.forward = MethodType(_linear_forward if kind is torch.nn.Linear else _embedding_forward, module)
     return len(stored)
+
+
+def keep_frozen_in_bf16(model: Any, cfg: Any, precision: Any) -> int:
+    """Where `applies` (the checkpoint's config says bf16), store_frozen_in_bf16; 0 otherwise. The
+    loaded model's config says fp32 by then, so the checkpoint's own config.json is read."""
+    from h1tune.model import read_model_config
+
+    if not applies(cfg, precision, read_model_config(cfg.model)[1].dtype):
+        return 0
+    return store_frozen_in_bf16(model)

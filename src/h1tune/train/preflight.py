@@ -95,7 +95,7 @@ def prepare_model(cfg: H1tuneConfig, inputs: Inputs, probe: bool | None = None) 
 
     from h1tune.adapters import apply_adapter, frozen_base
     from h1tune.adapters.probe import probe_adapters
-    from h1tune.model import load_model, read_model_config
+    from h1tune.model import load_model
     from h1tune.train.batching import make_batches
     from h1tune.train.strategies import shards_4bit_weights
 
@@ -112,8 +112,8 @@ def prepare_model(cfg: H1tuneConfig, inputs: Inputs, probe: bool | None = None) 
     model.config.use_cache = False
     set_seed(cfg.training.seed)  # LoRA's initial A matrices come from the RNG: same seed, same run
     model = apply_adapter(model, cfg)
-    if frozen_base.applies(cfg, precision, read_model_config(cfg.model)[1].dtype):
-        stored = frozen_base.store_frozen_in_bf16(model)
+    stored = frozen_base.keep_frozen_in_bf16(model, cfg, precision)
+    if stored:
         log.info("frozen base: %d weight matrices kept in the checkpoint's bf16 (half their memory), computed "
                  "in fp32; model.dtype: float32 keeps them fp32", stored)
     report = None
