@@ -59,7 +59,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="supervised fine-tuning (LoRA, QLoRA or full) from a YAML config",
+    p = sub.add_parser("train", help="fine-tune from a YAML config: SFT, DPO or KTO (training.objective); LoRA, "
+                       "QLoRA or full",
                        description="Validate the data, load the model, apply the adapter, prove every adapter "
                        "trains (the probe), then train with progress, eval, atomic checkpoints and automatic "
                        "resume. Writes the adapter (PEFT format) or full model to OUTPUT_DIR/final.")

@@ -87,6 +87,9 @@ class DataConfig(_Section):
     packing: bool = False
     system_prompt: str | None = None
     assistant_only_loss: bool = True
+    empty_assistant: Literal["drop", "train"] = Field(
+        "drop", description="rows with an assistant turn that has no content and no tool call: drop (counted in "
+        "the summary) or train (the turn then teaches the end-of-turn token alone)")
 
     _sources = field_validator("train", "eval", mode="before")(_as_sources)
 
@@ -200,6 +203,9 @@ def _cross_checks(cfg: H1tuneConfig) -> list[str]:
             f"model.quantization: {cfg.model.quantization!r} needs adapter.method: lora "
             "(quantized base weights cannot be trained); set model.quantization: none for full fine-tuning"
         )
+    if cfg.training.max_steps == 0:
+        problems.append("training.max_steps: 0 would train nothing (the Trainer would still run one step and save); "
+                        "set a positive number of steps, or -1 to train for training.num_train_epochs")
     if cfg.adapter.freeze and cfg.adapter.method != "full":
         problems.append("adapter.freeze: only applies to adapter.method: full (LoRA already freezes the base)")
     for group in cfg.adapter.freeze:

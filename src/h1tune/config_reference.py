@@ -44,7 +44,7 @@ NOTES = {
     "training.adam_beta1": "AdamW beta1; default from the recipe",
     "training.adam_beta2": "AdamW beta2; default from the recipe",
     "training.num_train_epochs": "passes over the training data",
-    "training.max_steps": "stop after this many optimiser steps (-1: use num_train_epochs)",
+    "training.max_steps": "stop after this many optimiser steps (-1: use num_train_epochs; 0 is refused)",
     "training.per_device_train_batch_size": "examples (or packed rows) per step and device",
     "training.per_device_eval_batch_size": "examples (or packed rows) per eval batch",
     "training.gradient_accumulation_steps": "micro-batches per optimiser step",

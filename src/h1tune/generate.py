@@ -93,21 +93,69 @@ def read_tools(path: str | Path) -> list[dict]:
     import json
 
     path = Path(path)
+    expected = ('a JSON list of tool signatures, e.g. [{"name": "get_weather", "description": ..., '
+                '"parameters": {"type": "object", "properties": {...}}}]')
     if not path.is_file():
-        raise H1tuneError(f"--tools: {str(path)!r} does not exist; give a JSON file with a list of tool signatures")
+        raise H1tuneError(f"--tools: {str(path)!r} does not exist; give {expected}")
     try:
         tools = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise H1tuneError(f"--tools: {path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
-    if isinstance(tools, dict):
-        tools = [tools]
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise H1tuneError(f"--tools: {path} must hold a JSON list of tool objects")
-    bad = [i for i, t in enumerate(tools) if "name" not in t and "name" not in t.get("function", {})]
-    if bad:
-        raise H1tuneError(f"--tools: {path} tool {bad[0] + 1} has no `name` (expected {{\"name\": ..., "
-                          "\"description\": ..., \"parameters\": {...}}})")
+    if not isinstance(tools, list) or not tools:
+        raise H1tuneError(f"--tools: {path} holds {type(tools).__name__ if tools else 'nothing'}; it must be {expected}")
+    for index, tool in enumerate(tools, 1):
+        problem = _tool_schema_problem(tool)
+        if problem:
+            raise H1tuneError(f"--tools: {path} tool {index} {problem}; the file must be {expected}")
     return tools
+
+
+def _tool_schema_problem(tool) -> str | None:
+    """What makes `tool` not a tool signature, or None."""
+    if not isinstance(tool, dict):
+        return f"is a {type(tool).__name__}, not an object"
+    spec = tool["function"] if isinstance(tool.get("function"), dict) else tool
+    if not isinstance(spec.get("name"), str) or not spec["name"]:
+        return "has no `name`"
+    if "parameters" in spec and not isinstance(spec["parameters"], dict):
+        return "has `parameters` that is not a JSON-schema object"
+    return None
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
+    """A reply decoded with its special tokens -> (its text without the calls, the calls as {name, arguments}).
+
+    Falcon-H1 wraps each call in <tool_call>...</tool_call>: one JSON object (H1-Instruct) or a JSON
+    list of them (Falcon-H1-Tiny). The markers are special tokens, so a plain decode shows bare JSON.
+    A call that is not valid JSON is kept as {"name": None, "raw": text}, so nothing is hidden.
+    """
+    import json
+    import re
+
+    calls: list[dict] = []
+    for body in re.findall(r"<tool_call>(.*?)(?:</tool_call>|$)", text, flags=re.S):
+        try:
+            parsed = json.loads(body.strip())
+        except json.JSONDecodeError:
+            calls.append({"name": None, "raw": body.strip()})
+            continue
+        for call in parsed if isinstance(parsed, list) else [parsed]:
+            if isinstance(call, dict) and isinstance(call.get("function"), dict):
+                call = call["function"]
+            if isinstance(call, dict) and isinstance(call.get("name"), str):
+                calls.append({"name": call["name"], "arguments": call.get("arguments", {})})
+            else:
+                calls.append({"name": None, "raw": json.dumps(call)})
+    content = re.sub(r"<tool_call>.*?(?:</tool_call>|$)", "", text, flags=re.S).strip()
+    return content, calls
+
+
+def format_tool_calls(calls: list[dict]) -> str:
+    """`tool call: get_weather({"city": "Paris"})`, one line per call."""
+    import json
+
+    return "\n".join(f"tool call: {c['name']}({json.dumps(c['arguments'], ensure_ascii=False)})" if c["name"]
+                     else f"tool call (not valid JSON): {c['raw']}" for c in calls)
 
 
 def _streamer(tokenizer, output: TextIO):
@@ -148,7 +196,13 @@ def generate_reply(model, tokenizer, messages: list[dict], sampling: SamplingCon
     with torch.no_grad():
         generated = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                    streamer=streamer, **kwargs)
-    return tokenizer.decode(generated[0, input_ids.shape[1]:], skip_special_tokens=True)
+    new_tokens = generated[0, input_ids.shape[1]:]
+    reply = tokenizer.decode(new_tokens, skip_special_tokens=True)
+    if tools:  # the call markers are special tokens: show the calls structured, not as bare JSON
+        _, calls = parse_tool_calls(tokenizer.decode(new_tokens, skip_special_tokens=False))
+        if calls and stream:
+            (output or sys.stdout).write("\n" + format_tool_calls(calls) + "\n")
+    return reply
 
 
 def chat_loop(model, tokenizer, sampling: SamplingConfig, input_fn: Callable[[str], str] = input,

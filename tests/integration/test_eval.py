@@ -5,6 +5,7 @@ lm-eval wrapper's log-likelihoods equal h1tune's own computation of the same con
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,31 @@ def test_a_qlora_run_is_evaluated_on_the_4bit_base_it_trained_on(tmp_path, memor
     conversations = read_eval_conversations(eval_config(f"data.eval={memorise_file}").data, seed=0)
     on_16bit = heldout_loss(model, tokenizer, conversations, eval_config().data, batch_size=8)
     assert abs(on_16bit.loss - evaluated.loss) > 1e-4, "the 4-bit base gives a different loss, so the check can fail"
+
+
+def test_a_run_directory_without_config_is_scored_with_the_runs_data_settings(tmp_path, capsys, caplog, trained,
+                                                                             memorise_file):
+    with caplog.at_level(logging.INFO, logger="h1tune"):
+        assert main(["eval", str(trained.output_dir), "--output", str(tmp_path / "own.json")]) == 0
+    assert "data settings of the run" in caplog.text and "max_length 64" in caplog.text
+    assert main(["eval", str(trained.output_dir), "--data", str(memorise_file), "--set", "data.max_length=64",
+                 "--config", str(trained.output_dir / "config.yaml"), "--output", str(tmp_path / "explicit.json")]) == 0
+    own, explicit = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("own", "explicit"))
+    assert own["settings"]["data"]["max_length"] == 64
+    assert own["models"][0]["heldout"]["loss"] == pytest.approx(explicit["models"][0]["heldout"]["loss"], abs=1e-6)
+
+
+def test_whitespace_replies_and_dropped_examples_are_visible():
+    from h1tune.evaluation.loss import LossResult
+    from h1tune.evaluation.models import ModelSpec
+    from h1tune.evaluation.report import ModelResult, format_table
+    from h1tune.evaluation.samples import Prompt, format_samples
+
+    prompts = [Prompt([{"role": "user", "content": "Hi"}], None, None)]
+    rows = [{"model": "a", "prompt_index": 0, "reply": "\n\n"}, {"model": "b", "prompt_index": 0, "reply": ""}]
+    shown = format_samples(prompts, rows)
+    assert "| ⏎⏎" in shown and "| (empty)" in shown
+    result = ModelResult(ModelSpec("m", "m", "model"), loss=LossResult(loss=1.0, tokens=10, examples=3, rows=3,
+                                                                         dropped=2))
+    table = format_table([result])
+    assert any(line.split() == ["dropped", "2"] for line in table.splitlines())

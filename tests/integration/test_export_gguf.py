@@ -164,7 +164,7 @@ def test_without_llama_cpp_the_command_says_how_to_install_it(tiny_dir, tmp_path
     out = tmp_path / "m.gguf"
     assert main(["export", "gguf", str(tiny_dir), str(out)]) == 2
     err = capsys.readouterr().err
-    assert "pip install 'h1tune[gguf]'" in err and "cmake" in err and "Traceback" not in err
+    assert "pip install -e '.[gguf]'" in err and "cmake" in err and "Traceback" not in err
     assert not out.exists() and _leftovers(tmp_path) == []
 
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from h1tune.data.render import IGNORE_INDEX
 from h1tune.errors import H1tuneError
 from h1tune.policy import param_group
 
@@ -67,6 +68,7 @@ class ProbeReport:
     seconds: float
     tokens: int
     notes: list[str] = field(default_factory=list)
+    unmeasured: str | None = None  # why the probe could not measure anything (its failure, not the adapters')
 
     @property
     def inert(self) -> list[str]:
@@ -74,7 +76,7 @@ class ProbeReport:
 
     @property
     def ok(self) -> bool:
-        return bool(self.rows) and not self.inert
+        return bool(self.rows) and not self.inert and self.unmeasured is None
 
     def format_table(self) -> str:
         width = max([len("module")] + [len(r.name) for r in self.rows])
@@ -112,6 +114,12 @@ class ProbeReport:
         return lines
 
     def raise_if_inert(self) -> "ProbeReport":
+        if self.unmeasured is not None:
+            raise ProbeError(self, (
+                f"adapter probe: could not measure: {self.unmeasured}. This is the probe's failure, not the "
+                "adapters' (nothing says they are inert). Check that training examples carry trained tokens "
+                "(`h1tune check CONFIG --show-example 2` marks them), or turn the guarantee off with "
+                "adapter.probe: false"))
         if not self.rows:
             raise ProbeError(self, "adapter probe: the model has no trainable adapter or parameter; "
                                    "apply_adapter(model, cfg) first")
@@ -160,8 +168,6 @@ def _full_units(model: Any) -> dict[str, list[Any]]:
 
 def _model_inputs(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
     import torch
-
-    from h1tune.data.render import IGNORE_INDEX
 
     device = next(model.parameters()).device
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
@@ -220,6 +226,12 @@ def _loss_changes(units: dict, kind: str, loss_now, base: float, *, by_group: bo
     return deltas
 
 
+def _unmeasured(kind: str, inputs: dict, start: float, strict: bool, why: str) -> ProbeReport:
+    report = ProbeReport(rows=[], loss=0.0, kind=kind, seconds=time.perf_counter() - start,
+                         tokens=int(inputs["input_ids"].numel()), unmeasured=why)
+    return report.raise_if_inert() if strict else report
+
+
 def probe_adapters(model: Any, batch: dict[str, Any], *, strict: bool = True, scale: float = 0.25,
                    seed: int = 1234, max_module_forwards: int = MAX_MODULE_FORWARDS) -> ProbeReport:
     """Run one forward/backward on `batch` in training mode and report, per adapter, whether it is live.
@@ -244,6 +256,10 @@ def probe_adapters(model: Any, batch: dict[str, Any], *, strict: bool = True, sc
     kind = "lora" if lora else "full"
     units = lora or _full_units(model)
     inputs, labels = _model_inputs(model, batch)
+    scored = int((labels[..., 1:] != IGNORE_INDEX).sum())  # the model predicts token t+1 from t
+    if not scored:
+        return _unmeasured(kind, inputs, start, strict,
+                           "the probe batch has no labelled token, so its loss and every gradient are zero")
     params = list(model.parameters())
     saved_grads = [p.grad for p in params]
     saved_modes = {m: m.training for m in model.modules()}
@@ -291,6 +307,11 @@ def probe_adapters(model: Any, batch: dict[str, Any], *, strict: bool = True, sc
              "checks are per module)"] if by_group else []
     report = ProbeReport(rows=rows, loss=base, kind=kind, seconds=time.perf_counter() - start,
                          tokens=int(inputs["input_ids"].numel()), notes=notes)
+    ran = all(r.executed is not False for r in rows)
+    if rows and ran and not any(r.grad_reached for r in rows):  # nothing bypassed, yet no gradient anywhere
+        report.unmeasured = (f"the loss ({base:.4g} on {scored} labelled tokens) gives no gradient to any "
+                             "trainable weight although every adapter ran (a zero or non-finite loss, or a zero "
+                             "multiplier after them)")
     if strict:
         report.raise_if_inert()
     return report

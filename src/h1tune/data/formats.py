@@ -54,12 +54,23 @@ def expected_keys(fmt: str) -> str:
     return need + (f" (optional: {', '.join(repr(k) for k in optional)})" if optional else "")
 
 
+# Keys read on each message / turn of a list (anything else, e.g. `reasoning_content`, is not trained on).
+MESSAGE_KEYS = {"messages": ("role", "content", "tool_calls"), "conversations": ("from", "value"),
+                "prompt": ("role", "content", "tool_calls"), "completion": ("role", "content", "tool_calls")}
+
+
 def unused_keys(row: Any, fmt: str) -> list[str]:
-    """Keys of a row that format `fmt` does not read (they would be silently ignored)."""
+    """Keys of a row, or of its messages (`messages[].reasoning_content`), that format `fmt` does not read:
+    they would be silently ignored. Each key counts once per row."""
     if not isinstance(row, dict):
         return []
     known = set(REQUIRED_KEYS[fmt]) | set(OPTIONAL_KEYS[fmt])
-    return [str(k) for k in row if k not in known]
+    found = [str(k) for k in row if k not in known]
+    for name, keys in MESSAGE_KEYS.items():
+        if name in known and isinstance(row.get(name), list):
+            extra = {str(k) for m in row[name] if isinstance(m, dict) for k in m if k not in keys}
+            found += [f"{name}[].{k}" for k in sorted(extra)]
+    return found
 
 
 def detect_format(row: Any) -> str | None:
@@ -81,7 +92,11 @@ def parse_row(row: Any, fmt: str) -> tuple[list[dict[str, Any]], list[Any] | Non
     """(messages, tools, text) of one row; raises RowError naming the field that is wrong."""
     if not isinstance(row, dict):
         raise RowError(f"expected an object with keys {expected_keys(fmt)}, got {type(row).__name__}")
-    missing = [key for key in REQUIRED_KEYS[fmt] if row.get(key) is None]
+    nulls = [key for key in REQUIRED_KEYS[fmt] if key in row and row[key] is None]
+    if nulls:
+        raise RowError(f"{fmt} row has {', '.join(repr(k) for k in nulls)} set to null; give "
+                       f"{'it' if len(nulls) == 1 else 'them'} a value (or drop the row)")
+    missing = [key for key in REQUIRED_KEYS[fmt] if key not in row]
     if missing:
         found = ", ".join(repr(k) for k in row) or "none"
         raise RowError(

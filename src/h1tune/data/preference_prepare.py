@@ -92,13 +92,15 @@ def tokenize_preference_split(examples: list, tokenizer, data_cfg,
     return out, stats
 
 
-def _mix(sources: list[SourceData], parts: list[list], split: str, seed: int) -> tuple[list, list[SourceStats]]:
+def _mix(sources: list[SourceData], parts: list[list], split: str, seed: int,
+         objective: str) -> tuple[list, list[SourceStats]]:
     """Weighted examples of each source, in order, and one summary row per source (as SFT mixes them)."""
     mixed_all, stats = [], []
     for index, (source, part) in enumerate(zip(sources, parts)):
         mixed = apply_weight(part, source.weight, seed, key=f"{split}:{index}:{source.path}")
+        pairs = sum(isinstance(e, PreferencePair) for e in mixed)
         stats.append(SourceStats(split, source.path, source.format, len(source.conversations), source.weight,
-                                 len(mixed)))
+                                 len(mixed), unpaired=pairs if objective == "kto" else 0))
         mixed_all += mixed
     return mixed_all, stats
 
@@ -116,8 +118,9 @@ def prepare_preference_data(data_cfg, tokenizer, seed: int, objective: str) -> P
     train_parts = [s.conversations for s in train_sources]
     if not eval_sources and data_cfg.eval_fraction > 0:
         train_parts, held_out = hold_out(train_sources, data_cfg.eval_fraction, seed)
-    train_rows, source_stats = _mix(train_sources, train_parts, "train", seed)
-    eval_rows, eval_stats_rows = _mix(eval_sources, [s.conversations for s in eval_sources], "eval", seed)
+    train_rows, source_stats = _mix(train_sources, train_parts, "train", seed, objective)
+    eval_rows, eval_stats_rows = _mix(eval_sources, [s.conversations for s in eval_sources], "eval", seed,
+                                      objective)
     eval_rows = held_out + eval_rows
     if not train_rows:
         raise DataError("data.train: the sources give no rows after weighting; raise their `weight`")

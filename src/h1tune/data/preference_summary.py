@@ -85,12 +85,17 @@ def format_summary(summary: PreferenceSummary) -> str:
     out = [f"preference data (objective {summary.objective})"]
     for s in summary.sources:
         weight = f"  weight {s.weight:g}" if s.weight != 1.0 else ""
-        out.append(f"  {s.split:<5} {s.path}  [{s.format}]  {s.rows:,} rows{weight} -> {s.conversations:,} {unit}")
+        made = (f"{s.conversations:,} {unit}" if not s.unpaired else
+                f"{s.unpaired:,} pairs, each split into a desirable (chosen) and an undesirable (rejected) example "
+                f"-> {s.conversations + s.unpaired:,} examples")
+        out.append(f"  {s.split:<5} {s.path}  [{s.format}]  {s.rows:,} rows{weight} -> {made}")
     if summary.eval_held_out:
         out.append(f"  eval  {summary.eval_held_out:,} rows held out from train (data.eval_fraction)")
     train, ev = summary.train, summary.eval
     good, bad = ("chosen", "rejected") if summary.objective == "dpo" else ("desirable", "undesirable")
-    rows: list[tuple[str, int | None, int | None]] = [(f"{unit} kept", train.examples, ev and ev.examples)]
+    rows: list[tuple[str, int | None, int | None]] = [
+        (unit, train.examples + sum(train.dropped.values()), ev and ev.examples + sum(ev.dropped.values())),
+        (f"{unit} kept", train.examples, ev and ev.examples)]
     if summary.objective != "dpo":
         rows += [("  desirable", train.desirable, ev and ev.desirable),
                  ("  undesirable", train.undesirable, ev and ev.undesirable)]

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from h1tune.data.conversation import Conversation
-from h1tune.data.render import encode_conversation, fit_to_length, split_document
+from h1tune.data.render import (DROP_EMPTY_ASSISTANT, encode_conversation, fit_to_length, has_empty_assistant,
+                                split_document)
 from h1tune.data.sources import SourceData, apply_weight, read_source
 from h1tune.data.summary import DataSummary, SourceStats, SplitStats
 from h1tune.errors import DataError
@@ -36,6 +37,9 @@ def tokenize_split(conversations: list[Conversation], tokenizer, data_cfg) -> tu
     examples = []
     for conv in conversations:
         stats.formats[conv.format] += 1
+        if data_cfg.empty_assistant == "drop" and has_empty_assistant(conv):
+            stats.dropped[DROP_EMPTY_ASSISTANT] += 1
+            continue
         encoded = encode_conversation(conv, tokenizer, data_cfg)
         if not conv.is_chat and encoded.length > data_cfg.max_length:
             pieces = split_document(encoded, data_cfg.max_length)  # text: every token is kept, in pieces

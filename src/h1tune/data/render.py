@@ -33,6 +33,13 @@ IGNORE_INDEX = -100
 DROP_NO_ASSISTANT = "no assistant turn to train on"
 DROP_TOO_LONG = "longer than max_length (truncation: drop)"
 DROP_TRUNCATED_AWAY = "assistant tokens all truncated away"
+DROP_EMPTY_ASSISTANT = "empty assistant turn (data.empty_assistant: drop)"
+
+
+def has_empty_assistant(conv: Conversation) -> bool:
+    """An assistant turn with neither text nor a tool call would train on the end-of-turn token alone."""
+    return any(m["role"] == "assistant" and not m.get("content", "").strip() and not m.get("tool_calls")
+               for m in conv.messages)
 
 
 @dataclass

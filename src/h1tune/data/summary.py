@@ -26,6 +26,7 @@ class SourceStats:
     tool_calls: int = 0  # rows with an assistant tool call
     tool_results: int = 0  # rows with a tool response turn
     unused_keys: dict[str, int] = field(default_factory=dict)  # keys the format ignores -> rows
+    unpaired: int = 0  # kto: pairs split into a desirable and an undesirable example each
 
 
 @dataclass

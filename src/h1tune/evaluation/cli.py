@@ -31,7 +31,8 @@ def add_eval_parser(sub) -> None:
                    help="held-out data in any supported format (repeatable); default: the config's data.eval, "
                    "or the data.eval_fraction of data.train that its run held out")
     p.add_argument("--config", help="a run's YAML config: its data options (max_length, truncation, packing, "
-                   "system_prompt, ...), its eval data, and how to load the base (dtype, quantization)")
+                   "system_prompt, ...), its eval data, and how to load the base (dtype, quantization); "
+                   "default: the data section of the first MODEL that is a run (its saved config.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, as for train, e.g. --set data.packing=true (repeatable)")
     p.add_argument("--batch-size", type=int, help="default: training.per_device_eval_batch_size")
@@ -58,7 +59,7 @@ def add_eval_parser(sub) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from h1tune.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides) if args.config else run_data_config(args.models, args.overrides)
     from h1tune.evaluation import EvalOptions, HarnessOptions, run_eval
     from h1tune.generate import SamplingConfig
 
@@ -74,3 +75,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                            prompts=args.samples, samples_output=args.samples_output,
                                            sampling=sampling, harness=harness))
     return 0
+
+
+DATA_SETTINGS = ("max_length", "truncation", "packing", "system_prompt", "assistant_only_loss")
+
+
+def run_data_config(models: list[str], overrides: list[str]):
+    """Without --config: the data section (and seed, eval batch size) of the first MODEL that is a training
+    run, so its held-out loss is scored as the run scored it; the defaults when none is. Says which."""
+    import logging
+
+    from h1tune.config import apply_overrides, config_from_dict, load_config
+    from h1tune.evaluation.models import resolve_model, run_config_path
+
+    found = next((p for p in (run_config_path(resolve_model(m)) for m in models) if p is not None), None)
+    if found is None:
+        return load_config(None, overrides)
+    run = load_config(found)
+    tree = {"data": run.data.model_dump(mode="json"),
+            "training": {"seed": run.training.seed,
+                         "per_device_eval_batch_size": run.training.per_device_eval_batch_size}}
+    cfg = config_from_dict(tree, apply_overrides(tree, list(overrides)))
+    settings = ", ".join(f"{name} {getattr(cfg.data, name)}" for name in DATA_SETTINGS)
+    logging.getLogger("h1tune").info("eval: data settings of the run %s (no --config): %s", found, settings)
+    return cfg

@@ -64,6 +64,14 @@ def resolve_model(arg: str) -> ModelSpec:
     return ModelSpec(arg, str(path) if path.exists() else arg, "model")
 
 
+def run_config_path(spec: ModelSpec) -> Path | None:
+    """The config.yaml a training run saved beside this model (in its final/ or the run directory)."""
+    path = Path(spec.path)
+    if not path.is_dir():
+        return None
+    return next((p for p in (path / RUN_CONFIG, path.parent / RUN_CONFIG) if p.is_file()), None)
+
+
 def eval_model_config(spec: ModelSpec, model_cfg: ModelConfig) -> ModelConfig:
     """How to load `spec`: an adapter as its run loaded the base, a model per `model_cfg`.
 

@@ -52,6 +52,8 @@ def table_rows(results: list[ModelResult]) -> list[tuple[str, list[str]]]:
         rows.append(("perplexity", [_number(r.loss.perplexity if r.loss else None, 2) for r in results]))
         rows.append(("scored tokens", [_number(r.loss.tokens if r.loss else None) for r in results]))
         rows.append(("examples", [_number(r.loss.examples if r.loss else None) for r in results]))
+        if any(r.loss and r.loss.dropped for r in results):  # too long, or nothing scored: not in the loss
+            rows.append(("dropped", [_number(r.loss.dropped if r.loss else None) for r in results]))
     tasks = list(dict.fromkeys(t for r in results for t in r.tasks))
     for task in tasks:
         metrics = list(dict.fromkeys(m for r in results for m in r.tasks.get(task, {}) if STDERR not in m))

@@ -135,5 +135,10 @@ def format_samples(prompts: list[Prompt], rows: list[dict[str, Any]], width: int
 
 
 def _one_line(text: str, limit: int) -> str:
-    flat = " ".join(str(text).split())
+    """Whitespace folded to single spaces; a reply that is only whitespace shown as its characters
+    (`⏎⏎`, `·`, `→`), an empty one as `(empty)`, so neither looks like a missing row."""
+    text = str(text)
+    if not text.strip():
+        return "".join({"\n": "⏎", "\t": "→"}.get(c, "·") for c in text)[:limit] or "(empty)"
+    flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[:limit - 1] + "…"

@@ -24,8 +24,8 @@ def add_export_parser(sub) -> None:
         "convert with llama.cpp's convert_hf_to_gguf.py (it folds the μP multipliers into the weights), then "
         "load the file in llama.cpp and compare it with transformers on chat prompts: same tokenization, "
         "next-token log-probs within tolerance, and for f32 the same greedy tokens. OUT appears only when "
-        "all of this passes. Needs `pip install 'h1tune[gguf]'` (builds llama.cpp for the CPU: cmake and a "
-        "C++ compiler; about 15 minutes on 2 cores).")
+        "all of this passes. Needs `pip install -e '.[gguf]'` in the h1tune checkout (builds llama.cpp for the "
+        "CPU: cmake and a C++ compiler; about 15 minutes on 2 cores).")
     g.add_argument("source", help="run directory, adapter directory, merged Falcon-H1 directory, or preset name")
     g.add_argument("out", metavar="OUT.gguf", help="the file to write")
     g.add_argument("--outtype", default="f32", choices=OUTTYPES, help="tensor type in the file (default f32)")

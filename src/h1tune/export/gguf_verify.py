@@ -45,7 +45,8 @@ CODE_TEXT = ('def add(a, b):\n    return a + b\n\n<tool_call>\n{"name": "get_wea
              '\n</tool_call>')
 INSTALL_HINT = (
     "llama-cpp-python is not installed, and the export is verified by running the file in llama.cpp. "
-    "Install it with `pip install 'h1tune[gguf]'` (or `pip install llama-cpp-python gguf`): pip builds "
+    "Install it with `pip install -e '.[gguf]'` in the h1tune checkout, as the README says (or "
+    "`pip install llama-cpp-python gguf`): pip builds "
     "llama.cpp for the CPU from source, which needs cmake and a C++ compiler and takes minutes "
     "(see the README's GGUF section)"
 )
@@ -104,8 +105,8 @@ def read_metadata(path: Path) -> dict[str, Any]:
     try:
         from gguf import GGUFReader
     except ImportError:
-        raise H1tuneError("the `gguf` package is needed to read the file's metadata: pip install 'h1tune[gguf]'") \
-            from None
+        raise H1tuneError("the `gguf` package is needed to read the file's metadata: `pip install -e '.[gguf]'` "
+                          "in the h1tune checkout, as the README says") from None
     fields = GGUFReader(str(path)).fields
     return {k: f.contents() for k, f in fields.items() if len(f.types) == 1}  # arrays (tokens, merges) left out
 

@@ -80,13 +80,31 @@ def make_batches(data_cfg: DataConfig, tokenizer, train: list[dict], eval_: list
 
 
 def probe_examples(train: list[dict], count: int = PROBE_EXAMPLES, max_tokens: int = PROBE_MAX_TOKENS) -> list[dict]:
-    """The shortest training examples whose first `max_tokens` tokens still carry labels, cut there."""
-    def cut(example: dict) -> dict:
-        return {k: list(example[k])[:max_tokens] for k in ("input_ids", "labels")}
+    """`count` short windows of training examples, each ending inside its labelled tokens.
 
-    def labelled(example: dict) -> bool:
-        return any(label != IGNORE_INDEX for label in example["labels"][1:])
-
+    A window is the first labelled span (up to half the budget) with as much context before it
+    as the rest of the budget allows. Cutting every example at its start instead gave batches
+    without a single labelled token whenever the answer starts late (a system prompt, tool
+    schemas, a long instruction): zero loss, zero gradients, and every adapter called inert.
+    Examples with no labelled token are never chosen; if none has one, an empty list.
+    """
     by_length = sorted(range(len(train)), key=lambda i: len(train[i]["input_ids"]))
-    chosen = [c for c in (cut(train[i]) for i in by_length) if labelled(c)][:count]
-    return chosen or [cut(train[by_length[0]])]
+    windows = []
+    for i in by_length:
+        window = labelled_window(train[i], max_tokens)
+        if window is not None:
+            windows.append(window)
+            if len(windows) == count:
+                break
+    return windows
+
+
+def labelled_window(example: dict, max_tokens: int) -> dict | None:
+    """At most `max_tokens` consecutive tokens of `example` that include labelled ones, or None."""
+    labels = list(example["labels"])
+    first = next((i for i, label in enumerate(labels) if i > 0 and label != IGNORE_INDEX), None)
+    if first is None:  # position 0 has no token before it to predict it from: never trained
+        return None
+    end = min(len(labels), first + max(1, max_tokens // 2))
+    start = max(0, min(first - 1, end - max_tokens))  # a window's first label is never scored (shift by one)
+    return {"input_ids": list(example["input_ids"])[start:end], "labels": labels[start:end]}

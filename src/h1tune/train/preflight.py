@@ -94,7 +94,7 @@ def prepare_model(cfg: H1tuneConfig, inputs: Inputs, probe: bool | None = None) 
     from transformers import set_seed
 
     from h1tune.adapters import apply_adapter, frozen_base
-    from h1tune.adapters.probe import probe_adapters
+    from h1tune.adapters.probe import ProbeError, ProbeReport, probe_adapters
     from h1tune.model import load_model
     from h1tune.train.batching import make_batches
     from h1tune.train.strategies import shards_4bit_weights
@@ -118,9 +118,16 @@ def prepare_model(cfg: H1tuneConfig, inputs: Inputs, probe: bool | None = None) 
                  "in fp32; model.dtype: float32 keeps them fp32", stored)
     report = None
     if cfg.adapter.probe if probe is None else probe:  # LoRA: every adapter; full fine-tuning: every module with trainable weights
+        if not batches.probe_items:
+            raise ProbeError(ProbeReport(rows=[], loss=0.0, kind=cfg.adapter.method, seconds=0.0, tokens=0,
+                                         unmeasured="no training example has a labelled token to probe on"),
+                             "adapter probe: could not measure: no training example has a labelled token "
+                             "(this is the data's problem, not the adapters'); check data.assistant_only_loss "
+                             "and that rows have assistant turns (`h1tune check CONFIG --show-example 2`)")
         with autocast(precision):  # the path training runs
             report = probe_adapters(model, batches.probe_batch())
-    return Ready(batches, model, report, precision, fp32_gap(model, batches.probe_batch(), precision))
+    gap = fp32_gap(model, batches.probe_batch(), precision) if batches.probe_items else None
+    return Ready(batches, model, report, precision, gap)
 
 
 def run_check(cfg: H1tuneConfig, show=print, probe_table: bool = False, show_examples: int = 0) -> Ready:
@@ -128,12 +135,16 @@ def run_check(cfg: H1tuneConfig, show=print, probe_table: bool = False, show_exa
     and optionally the first rendered examples with the trained tokens marked."""
     from h1tune.data.render import mark_trained_tokens
 
+    from pathlib import Path
+
+    from h1tune.train.run_dir import check_output_path
+
+    check_output_path(Path(cfg.output_dir))  # train would refuse it before writing anything
     inputs = check_inputs(cfg, show)
     show("chat template: ok")
-    examples = [e for e in inputs.data.train if "input_ids" in e and "labels" in e][:show_examples]
-    for index, example in enumerate(examples):
+    for index, example in enumerate(list(inputs.data.train)[:show_examples]):
         show(f"--- example {index + 1} (trained tokens between [[ and ]]) ---")
-        show(mark_trained_tokens(inputs.tokenizer, example["input_ids"], example["labels"]))
+        show(render_example(inputs.tokenizer, example, mark_trained_tokens))
     ready = prepare_model(cfg, inputs)
     show(f"precision: {ready.precision.describe()}" + (f"; {ready.fp32_gap}" if ready.fp32_gap else ""))
     if ready.probe is None:
@@ -145,3 +156,19 @@ def run_check(cfg: H1tuneConfig, show=print, probe_table: bool = False, show_exa
         for line in ready.probe.format_group_lines():
             show(f"  {line}")
     return ready
+
+
+def render_example(tokenizer, example: dict, mark) -> str:
+    """One prepared example as text with its trained tokens marked: an SFT example, a DPO pair (prompt,
+    then each completion scored) or a KTO completion with its label."""
+    if "input_ids" in example:
+        return mark(tokenizer, example["input_ids"], example["labels"])
+    prompt = example["prompt_ids"]
+
+    def side(ids: list[int]) -> str:
+        return mark(tokenizer, prompt + ids, [-100] * len(prompt) + list(ids))
+
+    if "chosen_ids" in example:
+        return f"chosen:\n{side(example['chosen_ids'])}\nrejected:\n{side(example['rejected_ids'])}"
+    label = "desirable" if example["label"] else "undesirable"
+    return f"label: {label}\n{side(example['completion_ids'])}"

@@ -64,12 +64,11 @@ def check_output_dir(cfg: H1tuneConfig, overwrite: bool = False, resume: bool | 
     checkpoint, or from the one `resume` names. Anything else is refused unless `overwrite`.
     """
     root = Path(cfg.output_dir)
+    check_output_path(root)
     if overwrite or not root.exists() or not any(root.iterdir()):
         if resume and not overwrite:
             raise H1tuneError(f"--resume: {str(root)!r} holds no run to resume")
         return None
-    if not root.is_dir():
-        raise H1tuneError(f"output_dir {str(root)!r} is a file; choose a directory")
     run_file = root / RUN_FILE
     if not run_file.is_file():
         raise H1tuneError(f"output_dir {str(root)!r} is not empty and holds no h1tune run; choose another "
@@ -89,6 +88,15 @@ def check_output_dir(cfg: H1tuneConfig, overwrite: bool = False, resume: bool | 
     if resume:
         raise H1tuneError(f"--resume: {str(root)!r} has no complete checkpoint to resume from")
     return None
+
+
+def check_output_path(root: Path) -> None:
+    """output_dir must be a directory or creatable as one: not a file, nor under one (`check` runs this too)."""
+    for path in [root, *root.parents]:
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == root else f"is under {str(path)!r}, which is a file"
+            raise H1tuneError(f"output_dir: {str(root)!r} {where}; set output_dir to a directory (new or "
+                              "empty, or one holding this run); nothing was written")
 
 
 def _named_checkpoint(root: Path, named: Path) -> Path:
