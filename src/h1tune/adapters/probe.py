@@ -238,8 +238,7 @@ def probe_adapters(model: Any, batch: dict[str, Any], *, strict: bool = True, sc
 
     Args:
         model: a PeftModel (LoRA) or a model prepared for full fine-tuning (`apply_adapter`).
-        batch: input_ids (and attention_mask, labels, ...) as training will feed them; keep it short
-            (Batches.probe_batch gives two short real examples): the probe costs ~2 + groups forwards.
+        batch: as training feeds it, short (Batches.probe_batch: two windows with labelled tokens).
         strict: raise ProbeError (an H1tuneError carrying `.report`) when any adapter is inert.
         scale: size of the random perturbation of lora_B (relative to each weight's RMS for full FT).
         seed: seeds dropout identically in every forward so loss changes come from the perturbation only.
@@ -258,8 +257,7 @@ def probe_adapters(model: Any, batch: dict[str, Any], *, strict: bool = True, sc
     inputs, labels = _model_inputs(model, batch)
     scored = int((labels[..., 1:] != IGNORE_INDEX).sum())  # the model predicts token t+1 from t
     if not scored:
-        return _unmeasured(kind, inputs, start, strict,
-                           "the probe batch has no labelled token, so its loss and every gradient are zero")
+        return _unmeasured(kind, inputs, start, strict, "the probe batch has no labelled token (zero loss and gradients)")
     params = list(model.parameters())
     saved_grads = [p.grad for p in params]
     saved_modes = {m: m.training for m in model.modules()}
@@ -299,19 +297,19 @@ def probe_adapters(model: Any, batch: dict[str, Any], *, strict: bool = True, sc
         for m, mode in saved_modes.items():
             m.training = mode
 
-    scope = "group" if by_group else "module"
     rows = [ProbeRow(name=n, group=param_group(n), executed=(calls[n] > 0) if kind == "lora" else None,
-                     grad_reached=grads[n][0], grad_norm=grads[n][1], delta_loss=deltas[n], scope=scope,
-                     threshold=threshold) for n in units]
+                     grad_reached=grads[n][0], grad_norm=grads[n][1], delta_loss=deltas[n],
+                     scope="group" if by_group else "module", threshold=threshold) for n in units]
     notes = [f"({len(units)} modules > {max_module_forwards}: |dloss| measured per group; forward and gradient "
              "checks are per module)"] if by_group else []
     report = ProbeReport(rows=rows, loss=base, kind=kind, seconds=time.perf_counter() - start,
-                         tokens=int(inputs["input_ids"].numel()), notes=notes)
-    ran = all(r.executed is not False for r in rows)
-    if rows and ran and not any(r.grad_reached for r in rows):  # nothing bypassed, yet no gradient anywhere
-        report.unmeasured = (f"the loss ({base:.4g} on {scored} labelled tokens) gives no gradient to any "
-                             "trainable weight although every adapter ran (a zero or non-finite loss, or a zero "
-                             "multiplier after them)")
-    if strict:
-        report.raise_if_inert()
-    return report
+                         tokens=int(inputs["input_ids"].numel()), notes=notes, unmeasured=_no_gradient(rows, base, scored))
+    return report.raise_if_inert() if strict else report
+
+
+def _no_gradient(rows: list[ProbeRow], loss: float, scored: int) -> str | None:
+    """Every adapter ran, yet no gradient reached any: the probe measured nothing (not a bypass)."""
+    if rows and all(r.executed is not False for r in rows) and not any(r.grad_reached for r in rows):
+        return (f"the loss ({loss:.4g} on {scored} labelled tokens) gives no gradient to any trainable weight "
+                "although every adapter ran (a zero or non-finite loss, or a zero multiplier after them)")
+    return None

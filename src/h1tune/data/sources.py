@@ -105,7 +105,7 @@ def _read_csv(path: Path) -> list[tuple[Any, int | None]]:
         start = 2  # the header is line 1; a quoted cell may span lines, so track where each row began
         try:
             for row in reader:
-                rows.append(({k: v for k, v in row.items() if k is not None}, start))
+                rows.append(({k: v for k, v in row.items() if k is not None and v is not None}, start))  # None: no cell
                 start = reader.line_num + 1
         except (csv.Error, UnicodeDecodeError) as exc:
             raise DataError(f"{path}:{reader.line_num}: not readable as CSV ({exc})") from None
