@@ -4,8 +4,8 @@ COMPUTED from parameter counts (models built on the meta device), not measured.
     .venv/bin/python bench/memory_table.py                 # 8 GPUs, LoRA r=16 on the default targets
     .venv/bin/python bench/memory_table.py --gpus 4 --rank 64
 
-Counts come from FalconH1ForCausalLM built on the meta device (no weights, no memory): the 0.5b
-and 1.5b presets, and 3B / 7B / 34B from their published shapes (SHAPES below, with sources).
+Counts come from FalconH1ForCausalLM built on the meta device (no weights, no memory), from the
+presets of every published shape (h1tune/family.py, with sources and what was inferred).
 The table is "model states": weights, gradients and AdamW moments, plus for FSDP / ZeRO-3 the
 layers gathered in flight. Activations, the CUDA context and allocator slack come on top
 (docs/distributed.md says how much). Formulas: `state_bytes` below, written out in the docs.
@@ -20,22 +20,10 @@ from dataclasses import dataclass
 GiB = 2**30
 NF4 = 0.5 + 0.5 / 64 * (1 / 4 + 1 / 64)  # 4-bit codes + double-quantized absmax (8-bit per 64, fp32 per 256 of those)
 
-# Shapes beyond the presets. 7B and 34B: NVIDIA Megatron-Bridge falconh1_provider.py ("from config.json").
-# 3B: the transformers FalconH1 doc table (depth, width, heads, d_head, d_state); intermediate_size and
-# vocab_size were not in any offline source: 6144 and 65537 (1.5B's vocabulary) give 3,149,392,384
-# parameters, the 3,149.4M a third-party model list reports for tiiuae/Falcon-H1-3B-Instruct.
-SHAPES = {
-    "3B": dict(vocab_size=65537, hidden_size=2560, intermediate_size=6144, num_hidden_layers=32,
-               num_attention_heads=10, num_key_value_heads=2, head_dim=128, mamba_d_ssm=4096, mamba_n_heads=32,
-               mamba_d_head=128, mamba_d_state=256, mamba_n_groups=1, mamba_rms_norm=True),
-    "7B": dict(vocab_size=130049, hidden_size=3072, intermediate_size=12288, num_hidden_layers=44,
-               num_attention_heads=12, num_key_value_heads=2, head_dim=128, mamba_d_ssm=3072, mamba_n_heads=24,
-               mamba_d_head=128, mamba_d_state=256, mamba_n_groups=1, mamba_rms_norm=True),
-    "34B": dict(vocab_size=261120, hidden_size=5120, intermediate_size=21504, num_hidden_layers=72,
-                num_attention_heads=20, num_key_value_heads=4, head_dim=128, mamba_d_ssm=4096, mamba_n_heads=32,
-                mamba_d_head=128, mamba_d_state=256, mamba_n_groups=2, mamba_rms_norm=True),
-}
-PRESET_SIZES = {"0.5B": "0.5b", "1.5B": "1.5b"}
+# Every size is an h1tune preset with the family's published shape (h1tune/family.py says where each
+# value comes from and which were inferred).
+PRESET_SIZES = {"Tiny-90M": "tiny-90m", "0.5B": "0.5b", "1.5B": "1.5b", "1.5B-Deep": "1.5b-deep", "3B": "3b",
+                "7B": "7b", "H1R-7B": "h1r-7b", "34B": "34b"}
 STRATEGIES = ("1 GPU", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
 METHODS = ("lora", "qlora", "full")
 
@@ -59,9 +47,7 @@ class Census:
 def build(size: str):
     from h1tune.presets import build_model
 
-    if size in PRESET_SIZES:
-        return build_model(PRESET_SIZES[size], device="meta")
-    return build_model("0.5b", device="meta", **SHAPES[size])  # every shape field overridden
+    return build_model(PRESET_SIZES[size], device="meta")
 
 
 def census(model, rank: int) -> Census:
@@ -132,7 +118,7 @@ def table(gpus: int, rank: int) -> list[str]:
     header = "| size | params | method | " + " | ".join(
         s if s == "1 GPU" else f"{s} ×{gpus}" for s in STRATEGIES) + " |"
     lines = [header, "|" + "---|" * (3 + len(STRATEGIES))]
-    for size in (*PRESET_SIZES, *SHAPES):
+    for size in PRESET_SIZES:
         c = census(build(size), rank)
         for method in METHODS:
             cells = []

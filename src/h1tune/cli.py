@@ -104,9 +104,12 @@ def _add_init_model_parser(sub) -> None:
     p = sub.add_parser("init-model", help="write a random-weight Falcon-H1 checkpoint + tokenizer (offline)",
                        description="Write an embedded Falcon-H1 preset (random weights, safetensors) with a locally "
                        "built tokenizer and Falcon-H1's chat template. `tiny` trains a step in about a second "
-                       "on CPU; `0.5b` and `1.5b` have the published architecture shapes.")
+                       "on CPU (`tiny-h1r`, `tiny-h1tiny`: with Falcon-H1R's and Falcon-H1-Tiny's chat formats); "
+                       "`tiny-90m`, `tiny-100m`, `0.5b`, `1.5b`, `1.5b-deep` have the family's published shapes "
+                       "(3b, 7b, 34b, h1r-7b are shapes for memory plans only).")
     p.add_argument("out_dir", help="directory to write (must be empty or absent)")
-    p.add_argument("--preset", default="tiny", help="tiny, 0.5b or 1.5b (default: tiny)")
+    p.add_argument("--preset", default="tiny", help="tiny (default), tiny-h1r, tiny-h1tiny, tiny-90m, tiny-100m, "
+                   "0.5b, 1.5b or 1.5b-deep")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from h1tune.errors import ConfigError
 from h1tune.policy import FREEZE_GROUPS, target_spelling_problems
@@ -28,6 +28,7 @@ DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completio
 # Preference formats (DPO pairs, then KTO's unpaired rows), in detection order: h1tune.data.preference.
 PreferenceFormat = Literal["sharegpt_ranking", "preference", "kto_sharegpt", "kto_messages", "kto_prompt_completion"]
 Objective = Literal["sft", "dpo", "kto"]
+TextUnit = Literal["line", "paragraph", "file"]
 # How several processes share a run (h1tune.train.strategies): none (one process, or plain DDP under a
 # launcher), ddp, fsdp (FSDP2), or DeepSpeed ZeRO stage 2 / 3.
 Distributed = Literal["none", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"]
@@ -44,7 +45,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Which Falcon-H1 to load and how."""
 
-    name_or_path: str = Field("tiny", description="hub id, local directory, or embedded preset (tiny, 0.5b, 1.5b)")
+    name_or_path: str = Field("tiny", description="hub id, local directory, or embedded preset (tiny, tiny-h1r, tiny-h1tiny, tiny-90m, 0.5b, 1.5b, ...)")
     dtype: DType = "auto"
     quantization: Quantization = "none"
     llm_int8_skip_modules: list[str] = Field(default_factory=list, description="added to out_proj and lm_head, never replacing them")
@@ -63,6 +64,7 @@ class DataSourceConfig(_Section):
     format: Literal[get_args(DataFormat) + get_args(PreferenceFormat)] = "auto"  # type: ignore[valid-type]
     weight: float = Field(1.0, gt=0)
     split: str = "train"
+    text_unit: TextUnit | None = Field(None, description=".txt/.md sources: this source's unit (default: data.text_unit)")
 
 
 def _as_sources(value: Any) -> Any:
@@ -87,11 +89,25 @@ class DataConfig(_Section):
     packing: bool = False
     system_prompt: str | None = None
     assistant_only_loss: bool = True
+    reasoning: Literal["train", "mask", "drop"] = Field(
+        "train", description="reasoning traces on assistant turns (reasoning_content, <think>, reasoning parts): "
+        "train (rendered and trained), mask (rendered, not trained) or drop (not rendered)")
     empty_assistant: Literal["drop", "train"] = Field(
         "drop", description="rows with an assistant turn that has no content and no tool call: drop (counted in "
         "the summary) or train (the turn then teaches the end-of-turn token alone)")
 
+    text_unit: TextUnit = Field("line", description=".txt/.md files and folders of them: one document per line "
+                                "(LLaMA-Factory's convention), per paragraph (blank-line separated) or per file")
+
     _sources = field_validator("train", "eval", mode="before")(_as_sources)
+
+    @model_validator(mode="after")
+    def _source_text_units(self) -> "DataConfig":
+        """A source without its own text_unit takes data.text_unit."""
+        for source in [*self.train, *self.eval]:
+            if source.text_unit is None:
+                object.__setattr__(source, "text_unit", self.text_unit)
+        return self
 
 
 class AdapterConfig(_Section):

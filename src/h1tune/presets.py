@@ -3,10 +3,11 @@
     h1tune init-model runs/tiny --preset tiny
 
 Tests and the offline quickstart need a real Falcon-H1 (the same `FalconH1ForCausalLM` code path)
-without a model hub. `tiny` trains a step in about a second on a CPU; `0.5b` and `1.5b` have the
-published architecture shapes (random weights) for benchmarks and parameter counts.
-The μP multipliers of the published 0.5B config are kept in every preset: they live in the
-forward pass, so a tool that drops them would be caught here.
+without a model hub. `tiny` trains a step in about a second on a CPU (`tiny-h1r`, `tiny-h1tiny`: the
+same with Falcon-H1R's and Falcon-H1-Tiny's chat formats); `tiny-90m` ... `34b`, `h1r-7b` have the
+family's published shapes (family.py; up to 1.5B-Deep buildable, all on the meta device).
+The μP multipliers of the published 0.5B config are kept in every preset but the Tiny ones: they live
+in the forward pass, so a tool that drops them would be caught here.
 """
 
 from __future__ import annotations
@@ -17,46 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from h1tune.errors import H1tuneError
+from h1tune.family import BUILD_LIMIT, CHAT_FORMAT, SHAPES
+from h1tune.templates import CHAT_FORMATS
 
 BOS, EOS_TEXT, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 END_OF_TURN_TOKENS = (IM_END, EOS_TEXT)  # generation stops at either (real Falcon-H1 tokenizers have both)
 SPECIAL_TOKENS = [PAD, BOS, EOS_TEXT, IM_START, IM_END, "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 
-# Falcon-H1 chat format: ChatML with the BOS token first; tool signatures are listed in the
-# system turn, tool calls are JSON inside <tool_call> tags, tool results sit in a `tool` turn.
-CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
-    "{%- if tools %}"
-    "{{- '<|im_start|>system\\n' -}}"
-    "{%- if messages and messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' -}}{%- endif %}"
-    "{{- 'You may call one or more functions. Function signatures are listed in <tools></tools>:\\n<tools>\\n' -}}"
-    "{%- for tool in tools %}{{- (tool | tojson) + '\\n' -}}{%- endfor %}"
-    "{{- '</tools>\\nTo call a function, reply with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>.<|im_end|>\\n' -}}"
-    "{%- elif messages and messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' -}}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'system' and loop.first %}"
-    "{%- elif message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- if message['content'] %}{{- message['content'] -}}{%- endif %}"
-    "{%- if message['tool_calls'] %}"
-    "{%- for call in message['tool_calls'] %}"
-    "{%- set fn = call['function'] if call['function'] is defined else call %}"
-    "{%- if message['content'] or not loop.first %}{{- '\\n' -}}{%- endif %}"
-    "{{- '<tool_call>\\n' + ({'name': fn['name'], 'arguments': fn['arguments']} | tojson) + '\\n</tool_call>' -}}"
-    "{%- endfor %}"
-    "{%- endif %}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- elif message['role'] == 'tool' %}"
-    "{{- '<|im_start|>tool\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' -}}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' -}}{%- endif %}"
-)
+CHAT_TEMPLATE = CHAT_FORMATS["h1"]  # Falcon-H1-Instruct's ChatML (h1tune.templates)
 
 # μP multipliers of Falcon-H1-0.5B's config.json (attention_in/out and ssm_multipliers keep the
 # config defaults, as we could not read those values offline).
@@ -86,27 +56,17 @@ _COMMON: dict[str, Any] = {
     **_MUP_05B,
 }
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-        "mamba_d_ssm": 256, "mamba_n_heads": 8, "mamba_d_head": 32, "mamba_d_state": 64,
-        "mamba_chunk_size": 128, "max_position_embeddings": 4096,
-    },
-    "0.5b": {
-        "vocab_size": 32784, "hidden_size": 1024, "intermediate_size": 2048, "num_hidden_layers": 36,
-        "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
-        "mamba_d_ssm": 1536, "mamba_n_heads": 24, "mamba_d_head": 64, "mamba_d_state": 128,
-        "mamba_chunk_size": 128, "max_position_embeddings": 16384,
-    },
-    "1.5b": {
-        "vocab_size": 65537, "hidden_size": 2048, "intermediate_size": 4608, "num_hidden_layers": 24,
-        "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128,
-        "mamba_d_ssm": 3072, "mamba_n_heads": 48, "mamba_d_head": 64, "mamba_d_state": 256,
-        "mamba_chunk_size": 128, "max_position_embeddings": 131072,
-    },
+_TINY = {
+    "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+    "mamba_d_ssm": 256, "mamba_n_heads": 8, "mamba_d_head": 32, "mamba_d_state": 64,
+    "mamba_chunk_size": 128, "max_position_embeddings": 4096,
 }
-PRESET_BUILD = 2  # bump when build_model/build_tokenizer change, so cached presets are rebuilt
+# tiny: the test shape. tiny-h1r / tiny-h1tiny: the same, with the H1R reasoning and the H1-Tiny chat
+# formats, so every format path is tested offline. The rest: the family's published shapes (family.py).
+PRESETS: dict[str, dict[str, Any]] = {"tiny": _TINY, "tiny-h1r": _TINY, "tiny-h1tiny": _TINY, **SHAPES}
+PRESET_CHAT_FORMAT = {"tiny-h1r": "h1r", "tiny-h1tiny": "h1tiny", **CHAT_FORMAT}
+PRESET_BUILD = 3  # bump when build_model/build_tokenizer change, so cached presets are rebuilt
 TOKENIZER_VOCAB = 1024  # the tokenizer is the same for every preset; larger model vocabs leave rows unused
 
 
@@ -149,8 +109,8 @@ def corpus_lines() -> list[str]:
     return lines
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer with Falcon-H1's special tokens and chat template (deterministic)."""
+def build_tokenizer(chat_format: str = "h1"):
+    """A byte-level BPE tokenizer with Falcon-H1's special tokens and a family chat template (deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -168,8 +128,19 @@ def build_tokenizer():
         tokenizer_object=bpe, bos_token=BOS, eos_token=IM_END, pad_token=PAD,
         additional_special_tokens=SPECIAL_TOKENS[5:], model_max_length=131072,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = CHAT_FORMATS[chat_format]
     return tokenizer
+
+
+def refuse_unbuildable(preset: str) -> None:
+    """Presets above BUILD_LIMIT parameters are shapes for memory plans (meta device), not random checkpoints."""
+    if preset not in PRESETS:
+        raise H1tuneError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    count = sum(p.numel() for p in build_model(preset, device="meta").parameters())
+    if count > BUILD_LIMIT:
+        raise H1tuneError(f"preset {preset!r} has {count / 1e9:.1f}B parameters ({4 * count / 2**30:.0f} GiB of random "
+                          f"fp32 weights): it is a shape for memory plans and parameter counts (device='meta'); "
+                          f"build one up to {BUILD_LIMIT / 1e9:.0f}B, or load the real checkpoint by its hub id")
 
 
 def init_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0, overwrite: bool = False) -> Path:
@@ -184,8 +155,9 @@ def init_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0, overwri
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise H1tuneError(f"{out_dir} is not empty; choose another directory or pass --overwrite")
+    refuse_unbuildable(preset)
     model = build_model(preset, seed=seed)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(PRESET_CHAT_FORMAT.get(preset, "h1"))
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.convert_tokens_to_ids(IM_END),
                                                            tokenizer.convert_tokens_to_ids(EOS_TEXT)],

@@ -120,15 +120,18 @@ def test_output_dir_that_is_a_file_is_refused_in_one_line_before_anything_is_wri
         "cfg.yaml", "d.jsonl", "taken"]
 
 
-def test_reasoning_content_is_not_dropped_silently(tmp_path, tiny_dir, capsys, caplog):
+def test_reasoning_content_is_not_dropped_silently_and_unread_message_fields_are_counted(tmp_path, tiny_dir, capsys,
+                                                                                          caplog):
     rows = [chat("2+2?", "4"), chat("3+3?", "6")]
     for row in rows:
         row["messages"][1]["reasoning_content"] = "Add the numbers."
+        row["messages"][0]["name"] = "alice"  # a field no format reads
     with caplog.at_level(logging.WARNING, logger="h1tune"):
         assert main(["check", config(tmp_path, tiny_dir, write_jsonl(tmp_path / "r.jsonl", rows)),
-                     "--set", "adapter.probe=false"]) == 0
-    assert "'messages[].reasoning_content' (2 rows)" in caplog.text
-    assert "'messages[].reasoning_content' in 2 rows" in capsys.readouterr().out
+                     "--set", "adapter.probe=false", "--show-example", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "'messages[].name' (2 rows)" in caplog.text and "'messages[].name' in 2 rows" in out
+    assert "rows with reasoning traces 2" in out and "[[<think>\nAdd the numbers.\n</think>\n\n4<|im_end|>]]" in out
 
 
 @pytest.mark.parametrize("objective", ["dpo", "kto"])

@@ -99,3 +99,40 @@ def test_cached_preset_is_rebuilt_when_built_by_older_code(tmp_path, monkeypatch
     marker.write_text(json.dumps({"preset": "tiny", "seed": 0, "build": tiny.PRESET_BUILD - 1}))
     assert tiny.cached_preset("tiny") == path
     assert json.loads(marker.read_text())["build"] == tiny.PRESET_BUILD
+
+
+# Published values we could read (family.py names each source): layers, width, heads, d_state.
+PUBLISHED = {
+    "tiny-90m": (24, 512, 8, 2, 24, 64), "0.5b": (36, 1024, 8, 2, 24, 128), "1.5b": (24, 2048, 8, 2, 48, 256),
+    "1.5b-deep": (66, 1280, 6, 2, 24, 256), "3b": (32, 2560, 10, 2, 32, 256), "7b": (44, 3072, 12, 2, 24, 256),
+    "34b": (72, 5120, 20, 4, 32, 256), "h1r-7b": (44, 3072, 12, 2, 24, 256),
+}
+
+
+@pytest.mark.parametrize("preset", PUBLISHED)
+def test_family_presets_have_the_published_shapes_on_the_meta_device(preset):
+    config = build_model(preset, device="meta").config
+    shape = (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+             config.mamba_n_heads, config.mamba_d_state)
+    assert shape == PUBLISHED[preset]
+
+
+def test_family_parameter_counts_match_the_published_sizes():
+    counts = {p: sum(t.numel() for t in build_model(p, device="meta").parameters()) for p in ("tiny-90m", "1.5b-deep", "7b")}
+    assert 90e6 < counts["tiny-90m"] < 92e6  # "90M", tied embeddings
+    assert 1.5e9 < counts["1.5b-deep"] < 1.6e9 and 7.5e9 < counts["7b"] < 7.7e9
+
+
+def test_big_presets_are_shapes_only_and_chat_formats_follow_the_family(tmp_path):
+    from h1tune.errors import H1tuneError
+    from h1tune.presets import PRESET_CHAT_FORMAT
+    from h1tune.templates import CHAT_FORMATS
+
+    with pytest.raises(H1tuneError, match="shape for memory plans"):
+        init_model(tmp_path / "big", preset="7b")
+    assert not (tmp_path / "big").exists()
+    assert PRESET_CHAT_FORMAT["h1r-7b"] == "h1r" and PRESET_CHAT_FORMAT["tiny-90m"] == "h1tiny"
+    path = init_model(tmp_path / "r", preset="tiny-h1r")
+    assert build_tokenizer("h1r").chat_template == CHAT_FORMATS["h1r"]
+    assert "reasoning_content" in (path / "chat_template.jinja").read_text() or \
+        "reasoning_content" in (path / "tokenizer_config.json").read_text()

@@ -18,6 +18,7 @@ import json
 from typing import Any, Callable
 
 from h1tune.data.conversation import FORMATS, ROLES, Conversation
+from h1tune.data.reasoning import REASONING_KEYS, ReasoningError, content_parts, read_reasoning
 
 # What each format needs, for detection and for the "expected ..." part of error messages.
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
@@ -30,7 +31,7 @@ REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
 OPTIONAL_KEYS: dict[str, tuple[str, ...]] = {
     "messages": ("tools",),
     "sharegpt": ("tools", "system"),
-    "alpaca": ("input", "system", "history"),
+    "alpaca": ("input", "system", "history", *REASONING_KEYS),
     "prompt_completion": (),
     "text": (),
 }
@@ -54,9 +55,10 @@ def expected_keys(fmt: str) -> str:
     return need + (f" (optional: {', '.join(repr(k) for k in optional)})" if optional else "")
 
 
-# Keys read on each message / turn of a list (anything else, e.g. `reasoning_content`, is not trained on).
-MESSAGE_KEYS = {"messages": ("role", "content", "tool_calls"), "conversations": ("from", "value"),
-                "prompt": ("role", "content", "tool_calls"), "completion": ("role", "content", "tool_calls")}
+# Keys read on each message / turn of a list (anything else, e.g. a tool message's `name`, is not trained on).
+_CHAT_KEYS = ("role", "content", "tool_calls", *REASONING_KEYS)
+MESSAGE_KEYS = {"messages": _CHAT_KEYS, "conversations": ("from", "value", *REASONING_KEYS),
+                "prompt": _CHAT_KEYS, "completion": _CHAT_KEYS}
 
 
 def unused_keys(row: Any, fmt: str) -> list[str]:
@@ -186,13 +188,30 @@ def _messages_list(raw: list[Any], name: str) -> list[dict[str, Any]]:
         content = message.get("content")
         if content is None and calls:
             content = ""
-        content = _string(content, f"{where}.content")
-        out: dict[str, Any] = {"role": role, "content": content}
+        out: dict[str, Any] = {"role": role, **_content(message, content, role, where)}
         if calls:
             calls = _json_field(calls, f"{where}.tool_calls", list)
             out["tool_calls"] = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
         messages.append(out)
     return messages
+
+
+def _content(message: dict[str, Any], content: Any, role: str, where: str) -> dict[str, Any]:
+    """`content` (a string, or OpenAI typed parts) and, on assistant turns, `reasoning_content` from any of
+    the conventions reasoning.py reads."""
+    try:
+        trace = None
+        if isinstance(content, list):
+            content, trace = content_parts(content, f"{where}.content")
+        content = _string(content, f"{where}.content")
+        if role == "assistant":
+            content, keyed = read_reasoning(message, content, where)
+            trace = "\n\n".join(t for t in (trace, keyed) if t) or None
+    except ReasoningError as exc:
+        raise RowError(str(exc)) from None
+    if trace is not None and role != "assistant":
+        raise RowError(f"{where}: only assistant turns carry reasoning (role is {role!r})")
+    return {"content": content, **({"reasoning_content": trace} if trace else {})}
 
 
 def _parse_sharegpt(row: dict[str, Any]):
@@ -207,11 +226,11 @@ def _parse_sharegpt(row: dict[str, Any]):
         speaker = turn["from"]
         if speaker not in SHAREGPT_ROLES:
             raise RowError(f"{where}: unknown role {speaker!r}; allowed roles are {', '.join(SHAREGPT_ROLES)}")
-        value = _string(turn["value"], f"{where}.value")
         if speaker == "function_call":
-            _attach_tool_calls(messages, _function_call(value, where))
+            _attach_tool_calls(messages, _function_call(_string(turn["value"], f"{where}.value"), where))
         else:
-            messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+            role = SHAREGPT_ROLES[speaker]
+            messages.append({"role": role, **_content(turn, turn["value"], role, f"{where}.value")})
     return messages, _tools(row), None
 
 
@@ -251,7 +270,7 @@ def _parse_alpaca(row: dict[str, Any]):
             raise RowError(f"history[{i}] must be a [user, assistant] pair of strings, got {str(pair)[:80]!r}")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     messages += [{"role": "user", "content": prompt},
-                 {"role": "assistant", "content": _string(row["output"], "output")}]
+                 {"role": "assistant", **_content(row, row["output"], "assistant", "output")}]
     return messages, None, None
 
 
@@ -260,7 +279,7 @@ def _parse_prompt_completion(row: dict[str, Any]):
         value = row[name]
         if isinstance(value, list):
             return _messages_list(value, name)
-        return [{"role": role, "content": _string(value, name)}]
+        return [{"role": role, **_content({}, value, role, name)}]
 
     return side("prompt", "user") + side("completion", "assistant"), _tools(row), None
 

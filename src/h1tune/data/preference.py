@@ -25,6 +25,7 @@ from typing import Any, Callable, get_args
 
 from h1tune.config import PreferenceFormat
 from h1tune.data.formats import RowError, parse_row
+from h1tune.data.reasoning import split_think
 
 PREFERENCE_FORMATS: tuple[str, ...] = get_args(PreferenceFormat)  # detection order: most specific keys first
 PAIRED_FORMATS = ("sharegpt_ranking", "preference")
@@ -194,8 +195,9 @@ def _completion(messages: list[dict[str, Any]], name: str) -> dict[str, Any]:
 
 
 def _completion_value(value: Any, name: str) -> dict[str, Any]:
-    if isinstance(value, str):
-        return {"role": "assistant", "content": value}
+    if isinstance(value, str):  # a leading <think>…</think> is the completion's reasoning trace
+        trace, answer = split_think(value)
+        return {"role": "assistant", "content": answer, **({"reasoning_content": trace} if trace else {})}
     return _completion(_messages(value, name), name)
 
 

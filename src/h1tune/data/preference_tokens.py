@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from h1tune.data.preference import PreferencePair, UnpairedExample
+from h1tune.data.reasoning import messages_to_render, template_reads_reasoning
 from h1tune.data.render import DROP_TOO_LONG, IGNORE_INDEX, assistant_spans, check_chat_template, label_tokens
 from h1tune.errors import DataError
 
@@ -47,9 +48,12 @@ def _messages(prompt: list[dict[str, Any]], completion: dict[str, Any], system_p
 
 
 def encode_side(tokenizer, prompt: list[dict[str, Any]], completion: dict[str, Any], tools: list[Any] | None,
-                system_prompt: str | None, where: str) -> tuple[list[int], int]:
-    """Token ids of prompt + completion (ending with the completion) and where the completion starts."""
-    messages = _messages(prompt, completion, system_prompt)
+                system_prompt: str | None, where: str, reasoning: str = "train") -> tuple[list[int], int]:
+    """Token ids of prompt + completion (ending with the completion) and where the completion starts.
+
+    A completion's reasoning trace is rendered (and scored with it) unless data.reasoning is drop."""
+    messages, _ = messages_to_render(_messages(prompt, completion, system_prompt), reasoning,
+                                     template_reads_reasoning(tokenizer))
     text, spans = assistant_spans(tokenizer, messages, tools, where)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoding["input_ids"])
@@ -64,9 +68,9 @@ def encode_pair(pair: PreferencePair, tokenizer, data_cfg) -> dict[str, list[int
     """TRL's `{prompt_ids, chosen_ids, rejected_ids}`; the prompt is the tokens both sides share."""
     check_chat_template(tokenizer, assistant_only_loss=True)
     chosen, chosen_start = encode_side(tokenizer, pair.prompt, pair.chosen, pair.tools, data_cfg.system_prompt,
-                                       pair.where)
+                                       pair.where, data_cfg.reasoning)
     rejected, rejected_start = encode_side(tokenizer, pair.prompt, pair.rejected, pair.tools,
-                                           data_cfg.system_prompt, pair.where)
+                                           data_cfg.system_prompt, pair.where, data_cfg.reasoning)
     # Equal up to the completion for any prefix-stable template; the min guards odd tokenizers that
     # merge a token across the prompt/completion boundary (TRL makes the same choice).
     shared = len(os.path.commonprefix([chosen, rejected]))
@@ -78,7 +82,7 @@ def encode_unpaired(example: UnpairedExample, tokenizer, data_cfg) -> dict[str, 
     """TRL's `{prompt_ids, completion_ids, label}`."""
     check_chat_template(tokenizer, assistant_only_loss=True)
     ids, start = encode_side(tokenizer, example.prompt, example.completion, example.tools, data_cfg.system_prompt,
-                             example.where)
+                             example.where, data_cfg.reasoning)
     return {"prompt_ids": ids[:start], "completion_ids": ids[start:], "label": example.label}
 
 

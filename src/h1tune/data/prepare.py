@@ -10,6 +10,7 @@ collator (`collate.py`) and the packing collator consume the same thing.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ from h1tune.data.render import (DROP_EMPTY_ASSISTANT, encode_conversation, fit_t
 from h1tune.data.sources import SourceData, apply_weight, read_source
 from h1tune.data.summary import DataSummary, SourceStats, SplitStats
 from h1tune.errors import DataError
+
+log = logging.getLogger("h1tune")
 
 
 @dataclass
@@ -33,7 +36,7 @@ class PreparedData:
 
 def tokenize_split(conversations: list[Conversation], tokenizer, data_cfg) -> tuple[list[dict[str, Any]], SplitStats]:
     """Tokenize, label and fit every conversation; count what was kept, truncated and dropped."""
-    stats = SplitStats()
+    stats = SplitStats(reasoning_mode=data_cfg.reasoning)
     examples = []
     for conv in conversations:
         stats.formats[conv.format] += 1
@@ -41,6 +44,7 @@ def tokenize_split(conversations: list[Conversation], tokenizer, data_cfg) -> tu
             stats.dropped[DROP_EMPTY_ASSISTANT] += 1
             continue
         encoded = encode_conversation(conv, tokenizer, data_cfg)
+        traces = sum(1 for m in conv.messages if m.get("reasoning_content"))
         if not conv.is_chat and encoded.length > data_cfg.max_length:
             pieces = split_document(encoded, data_cfg.max_length)  # text: every token is kept, in pieces
             stats.split_pieces += len(pieces) - 1
@@ -50,7 +54,11 @@ def tokenize_split(conversations: list[Conversation], tokenizer, data_cfg) -> tu
                 stats.dropped[reason] += 1
                 continue
             pieces = [example]
+        stats.traces += traces
+        stats.traces_rendered += len(encoded.reasoning)
+        stats.answer_cut += sum(e.answer_cut for e in pieces)
         for example in pieces:
+            stats.reasoning_tokens += example.reasoning_tokens
             examples.append(example.to_dict())
             stats.examples += 1
             stats.tokens += example.length
@@ -87,6 +95,7 @@ def source_stats(split: str, source: SourceData, kept: int) -> SourceStats:
         tools=sum(1 for c in convs if c.tools),
         tool_calls=sum(1 for c in convs if any(m.get("tool_calls") for m in c.messages)),
         tool_results=sum(1 for c in convs if any(m["role"] == "tool" for m in c.messages)),
+        reasoning=sum(1 for c in convs if any(m.get("reasoning_content") for m in c.messages)),
         unused_keys=dict(source.unused_keys))
 
 
@@ -123,6 +132,11 @@ def prepare_datasets(data_cfg, tokenizer, seed: int) -> PreparedData:
         reasons = ", ".join(f"{n} {why}" for why, n in train_stats.dropped.items())
         raise DataError(f"data.train: no training examples left ({reasons}); check data.max_length "
                         f"({data_cfg.max_length}), data.truncation and that rows have assistant turns")
+    cut = train_stats.answer_cut + (eval_stats.answer_cut if eval_stats else 0)
+    if cut:
+        log.warning("%d examples lost the end of their last assistant answer to data.max_length (%d): they train on "
+                    "a cut answer (a long reasoning trace pushes it out); raise data.max_length, or set "
+                    "data.truncation: drop to leave them out", cut, data_cfg.max_length)
     summary = DataSummary(sources=stats_rows, train=train_stats, eval=eval_stats,
                           max_length=data_cfg.max_length, truncation=data_cfg.truncation,
                           assistant_only_loss=data_cfg.assistant_only_loss, eval_held_out=len(held_out))

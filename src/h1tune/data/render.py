@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from h1tune.data.conversation import Conversation
+from h1tune.data.reasoning import messages_to_render, split_spans, template_reads_reasoning
 from h1tune.errors import DataError
 
 IGNORE_INDEX = -100
@@ -50,6 +51,12 @@ class TokenizedExample:
     labels: list[int]
     truncated: bool = False
     original_length: int | None = None  # before truncation
+    reasoning: list[tuple[int, int]] = field(default_factory=list)  # token ranges of rendered reasoning traces
+    answer_cut: bool = False  # truncation removed trained tokens of the last assistant turn
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return sum(max(0, min(b, self.length) - a) for a, b in self.reasoning)
 
     @property
     def length(self) -> int:
@@ -128,6 +135,10 @@ def assistant_spans(tokenizer, messages: list[dict[str, Any]], tools: list[Any] 
         if message["role"] != "assistant":
             continue
         upto = render(tokenizer, messages[: i + 1], tools, where)
+        if not full.startswith(upto) and message.get("reasoning_content"):
+            # a reasoning template leaves earlier turns' traces out: locate the turn as it is rendered
+            bare = {k: v for k, v in message.items() if k != "reasoning_content"}
+            upto = render(tokenizer, [*messages[:i], bare], tools, where)
         if not full.startswith(upto):
             raise DataError(
                 f"{where}: the chat template is not prefix-stable: the first {i + 1} messages render differently "
@@ -183,12 +194,14 @@ def encode_conversation(conv: Conversation, tokenizer, data_cfg) -> TokenizedExa
         return TokenizedExample(input_ids=ids, labels=list(ids), original_length=len(ids))
 
     check_chat_template(tokenizer, data_cfg.assistant_only_loss)
-    messages = chat_messages(conv, data_cfg.system_prompt)
+    messages, traces = messages_to_render(chat_messages(conv, data_cfg.system_prompt), data_cfg.reasoning,
+                                          template_reads_reasoning(tokenizer))
     if data_cfg.assistant_only_loss:
         text, spans = assistant_spans(tokenizer, messages, conv.tools, conv.where)
+        spans, blocks = split_spans(text, spans, traces, mask=data_cfg.reasoning == "mask")
     else:
-        text, spans = render(tokenizer, messages, conv.tools, conv.where), []
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=bool(spans))
+        text, spans, blocks = render(tokenizer, messages, conv.tools, conv.where), [], []
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=bool(spans or blocks))
     ids = list(encoding["input_ids"])
     if spans:
         labels = label_tokens(encoding["offset_mapping"], spans, ids)
@@ -196,7 +209,15 @@ def encode_conversation(conv: Conversation, tokenizer, data_cfg) -> TokenizedExa
         labels = [IGNORE_INDEX] * len(ids)  # no assistant turn: dropped and counted by fit_to_length
     else:
         labels = list(ids)
-    return TokenizedExample(input_ids=ids, labels=labels, original_length=len(ids))
+    return TokenizedExample(input_ids=ids, labels=labels, original_length=len(ids),
+                            reasoning=token_ranges(encoding["offset_mapping"], blocks) if blocks else [])
+
+
+def token_ranges(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Token index ranges overlapping each character span (as label_tokens labels them)."""
+    starts = [s for s, _ in offsets]
+    ends = [max(e, s + 1) for s, e in offsets]
+    return [(bisect_right(ends, a), bisect_left(starts, b)) for a, b in spans]
 
 
 def fit_to_length(example: TokenizedExample, max_length: int, truncation: str) -> tuple[TokenizedExample | None, str | None]:
@@ -208,7 +229,8 @@ def fit_to_length(example: TokenizedExample, max_length: int, truncation: str) -
     if truncation == "drop":
         return None, DROP_TOO_LONG
     cut = TokenizedExample(example.input_ids[:max_length], example.labels[:max_length],
-                           truncated=True, original_length=example.length)
+                           truncated=True, original_length=example.length, reasoning=example.reasoning,
+                           answer_cut=any(label != IGNORE_INDEX for label in example.labels[max_length:]))
     if cut.trainable == 0:
         return None, DROP_TRUNCATED_AWAY
     return cut, None

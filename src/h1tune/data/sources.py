@@ -30,8 +30,9 @@ from h1tune.errors import DataError
 
 log = logging.getLogger("h1tune")
 
-FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
-_LOCAL_LOOKING = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".txt", ".arrow")
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".md")
+TEXT_SUFFIXES = (".txt", ".md")  # plain text: documents by data.text_unit, read as `text` rows
+_LOCAL_LOOKING = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".txt", ".md", ".arrow")
 
 T = TypeVar("T")
 
@@ -47,10 +48,12 @@ class SourceData:
     unused_keys: Counter = field(default_factory=Counter)  # key the format ignores -> rows that have it
 
 
-def read_rows(path: str | Path) -> list[tuple[Any, int | None]]:
+def read_rows(path: str | Path, text_unit: str | None = None) -> list[tuple[Any, int | None]]:
     """Rows of a local file with their line numbers (None where a row has no single line)."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        return text_rows(path, _read_text(path), text_unit or "line")
     if suffix == ".jsonl":
         return _read_jsonl(path, _read_text(path))
     if suffix == ".json":
@@ -60,6 +63,35 @@ def read_rows(path: str | Path) -> list[tuple[Any, int | None]]:
     if suffix == ".parquet":
         return _read_parquet(path)
     raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; use one of {', '.join(FILE_SUFFIXES)}")
+
+
+def text_rows(path: Path, text: str, unit: str) -> list[tuple[dict[str, str], int]]:
+    """Plain text as `text` rows: a document per non-blank line, per blank-line separated paragraph, or
+    the whole file; each with the line it starts on. Nothing inside a document is dropped."""
+    if unit == "file":
+        return [({"text": text.strip("\n")}, 1)] if text.strip() else []
+    rows, block, start = [], [], 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if unit == "line":
+            if line.strip():
+                rows.append(({"text": line}, number))
+        elif line.strip():
+            block, start = block + [line], start or number
+        elif block:
+            rows.append(({"text": "\n".join(block)}, start))
+            block, start = [], 0
+    if block:
+        rows.append(({"text": "\n".join(block)}, start))
+    return rows
+
+
+def _text_folder_rows(folder: Path, unit: str) -> tuple[list[tuple[Any, int | None]], list[Path]]:
+    """Every .txt/.md file under `folder` (sorted, recursive), as text rows; the files read."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    rows: list[tuple[Any, int | None]] = []
+    for path in files:
+        rows += [(row, None) for row, _ in text_rows(path, _read_text(path), unit)]
+    return rows, files
 
 
 def _read_text(path: Path) -> str:
@@ -144,10 +176,15 @@ def source_rows(source) -> tuple[str, list[tuple[Any, int | None]]]:
     """The name and rows of one `DataSourceConfig` (a local file, else a hub dataset); SFT and
     preference data read their sources alike."""
     path = Path(source.path).expanduser()
+    unit = getattr(source, "text_unit", None) or "line"
     if path.is_dir():
-        raise DataError(f"{source.path}: is a directory; list its data files ({', '.join(FILE_SUFFIXES)}) as sources")
-    if path.is_file():
-        rows = read_rows(path)
+        rows, files = _text_folder_rows(path, unit)
+        if not files:
+            raise DataError(f"{source.path}: a directory with no .txt or .md files; a folder is read as a text corpus, "
+                            f"other data files ({', '.join(FILE_SUFFIXES[:4])}) are listed as sources one by one")
+        log.info("%s: %d text files, %d documents (data.text_unit: %s)", source.path, len(files), len(rows), unit)
+    elif path.is_file():
+        rows = read_rows(path, unit)
     elif looks_local(source.path):
         raise DataError(f"{source.path}: no such file (cwd: {Path.cwd()}); check the path in data.train / data.eval")
     else:

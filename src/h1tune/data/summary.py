@@ -27,6 +27,7 @@ class SourceStats:
     tool_results: int = 0  # rows with a tool response turn
     unused_keys: dict[str, int] = field(default_factory=dict)  # keys the format ignores -> rows
     unpaired: int = 0  # kto: pairs split into a desirable and an undesirable example each
+    reasoning: int = 0  # rows with a reasoning trace on an assistant turn
 
 
 @dataclass
@@ -41,6 +42,11 @@ class SplitStats:
     split_pieces: int = 0  # extra pieces from plain-text documents longer than max_length
     dropped: Counter = field(default_factory=Counter)  # reason -> count
     lengths: list[int] = field(default_factory=list)
+    traces: int = 0  # reasoning traces in the kept conversations' assistant turns
+    traces_rendered: int = 0  # of those, rendered by the template (data.reasoning: train / mask)
+    reasoning_tokens: int = 0  # tokens of the rendered traces (tags included), kept after truncation
+    reasoning_mode: str = "train"  # data.reasoning: train, mask (rendered, not trained) or drop (not rendered)
+    answer_cut: int = 0  # truncated examples whose last assistant turn lost trained tokens
 
     @property
     def conversations(self) -> int:
@@ -103,6 +109,8 @@ def format_summary(summary: DataSummary) -> str:
         if s.tools or s.tool_calls or s.tool_results:
             out.append(f"        rows with tools {s.tools:,}, with tool calls {s.tool_calls:,}, "
                        f"with tool responses {s.tool_results:,}")
+        if s.reasoning:
+            out.append(f"        rows with reasoning traces {s.reasoning:,}")
         if s.unused_keys:
             out.append("        ignored keys (not read by this format): "
                        + ", ".join(f"{k!r} in {n:,} rows" for k, n in s.unused_keys.items()))
@@ -122,7 +130,10 @@ def format_summary(summary: DataSummary) -> str:
         ("examples kept", train.examples, ev and ev.examples),
         ("tokens", train.tokens, ev and ev.tokens),
         (f"trainable tokens ({loss})", train.trainable_tokens, ev and ev.trainable_tokens),
+        *_reasoning_rows(summary),
         (f"truncated to {summary.max_length:,}", train.truncated, ev and ev.truncated),
+        *([("  of which the last answer was cut", train.answer_cut, ev and ev.answer_cut)]
+          if train.answer_cut or (ev and ev.answer_cut) else []),
         *([(f"extra pieces (documents split at {summary.max_length:,})", train.split_pieces,
             ev and ev.split_pieces)] if "text" in formats else []),
         ("dropped", sum(train.dropped.values()), ev and sum(ev.dropped.values())),
@@ -141,3 +152,20 @@ def format_summary(summary: DataSummary) -> str:
     out.append(f"train token lengths (max_length {summary.max_length:,}, truncation: {summary.truncation})")
     out += histogram(train.lengths, summary.max_length)
     return "\n".join(out)
+
+
+def _reasoning_rows(summary: DataSummary) -> list[tuple[str, int | None, int | None]]:
+    """Traces in the data, how many were rendered, and their tokens against the answers'."""
+    train, ev = summary.train, summary.eval
+    if not (train.traces or (ev and ev.traces)):
+        return []
+    how = {"train": "trained", "mask": "rendered, not trained (data.reasoning: mask)",
+           "drop": "none: data.reasoning: drop"}[train.reasoning_mode]
+
+    def outside(split: SplitStats) -> int:
+        return split.trainable_tokens - (split.reasoning_tokens if split.reasoning_mode == "train" else 0)
+
+    return [("reasoning traces (assistant turns)", train.traces, ev and ev.traces),
+            ("  rendered (templates may leave earlier turns' out)", train.traces_rendered, ev and ev.traces_rendered),
+            (f"  reasoning tokens, {how}", train.reasoning_tokens, ev and ev.reasoning_tokens),
+            ("trained tokens outside reasoning (answers, end markers)", outside(train), ev and outside(ev))]
