@@ -1,9 +1,11 @@
 """Step time vs packed sequence length, with the fitted exponent and model FLOP/s vs the GEMM peak.
 
     .venv/bin/python bench/seq_scaling.py [--preset tiny] [--lengths 512,1024,2048,4096] [--json out.json]
+    .venv/bin/python bench/seq_scaling.py --lengths 1024,2048,4096,8192,16384,32768 --doc 0   # one long trace per row
 
-One LoRA r16 forward + chunked loss + backward over one packed row of ~256-token documents per
-length, through h1tune's own training path (its kernels, per-document attention, chunked loss, subnormals
+One LoRA r16 forward + chunked loss + backward over one packed row of --doc-token documents per
+length (--doc 0: the whole row is one document, as a long reasoning trace is: its attention is then
+quadratic in the length and shows in the exponent, while packed short documents stay linear), through h1tune's own training path (its kernels, per-document attention, chunked loss, subnormals
 flushed), fp32,
 no gradient checkpointing; the median of --repeats steps after a warm-up. The exponent b of
 time ~ length^b is the least-squares slope in log-log: ~1 means the Mamba scan and per-document
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--lengths", default="512,1024,2048,4096")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--doc", type=int, default=256, help="tokens per document in the row (0: one document)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -45,7 +48,7 @@ def main() -> None:
     from h1tune.adapters import apply_adapter
     from h1tune.config import load_config
     from h1tune.model import load_model
-    from h1tune.precision import flush_denormals, gemm_speeds
+    from h1tune.precision import cpu_model, flush_denormals, gemm_speeds
     from h1tune.train.loss import chunked_lm_loss
 
     fp32_peak, _ = gemm_speeds()
@@ -66,7 +69,7 @@ def main() -> None:
 
     rows = []
     for length in [int(x) for x in args.lengths.split(",")]:
-        inputs, labels = packed_row(length)
+        inputs, labels = packed_row(length, args.doc or length)
         step(inputs, labels)  # warm-up
         seconds = statistics.median(step(inputs, labels) for _ in range(args.repeats))
         gflops = 4 * params * length / seconds / 1e9
@@ -77,7 +80,8 @@ def main() -> None:
     exponent = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
     print(f"step time vs packed length: preset {args.preset} ({params / 1e6:.1f}M parameters), LoRA r16, fp32, "
-          f"256-token documents, batch 1; fp32 GEMM peak measured {fp32_peak:.0f} GFLOP/s")
+          f"{f'{args.doc}-token documents' if args.doc else 'one document per row'}, batch 1; fp32 GEMM peak "
+          f"measured {fp32_peak:.0f} GFLOP/s; {cpu_model()}")
     head = f"{'length':>7}{'step s':>9}{'tokens/s':>10}{'model GFLOP/s':>15}{'of GEMM peak':>14}"
     print(head + "\n" + "-" * len(head))
     for r in rows:
@@ -86,7 +90,7 @@ def main() -> None:
     print(f"fitted: step time ~ length^{exponent:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"preset": args.preset, "parameters": params, "fp32_gemm_gflops": fp32_peak,
-                                               "rows": rows, "exponent": exponent}, indent=1))
+                                               "doc": args.doc, "rows": rows, "exponent": exponent}, indent=1))
 
 
 if __name__ == "__main__":

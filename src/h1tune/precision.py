@@ -51,6 +51,17 @@ def cpu_bf16_flag() -> str | None:
     return None
 
 
+def cpu_model() -> str:
+    """The CPU's model name and core count, for every benchmark header (numbers differ by CPU kind)."""
+    import os
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+             if line.startswith("model name")]
+    return f"{names[0] if names else platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores"
+
+
 @functools.lru_cache(maxsize=1)
 def gemm_speeds(size: int = 1024, repeats: int = 4) -> tuple[float, float]:
     """(fp32, bf16) GFLOP/s of a size^3 matmul on this CPU, measured now (~0.1 s).

@@ -54,5 +54,5 @@ def test_a_source_may_set_its_own_unit_and_long_documents_keep_every_token(tiny_
 def test_a_folder_without_text_files_is_refused(tiny_tokenizer, tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "rows.jsonl").write_text('{"text": "x"}\n')
-    with pytest.raises(DataError, match="no .txt or .md files"):
+    with pytest.raises(DataError, match="is a directory with no .txt or .md files"):
         documents(tiny_tokenizer, str(tmp_path / "data"))

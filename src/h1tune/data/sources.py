@@ -180,7 +180,7 @@ def source_rows(source) -> tuple[str, list[tuple[Any, int | None]]]:
     if path.is_dir():
         rows, files = _text_folder_rows(path, unit)
         if not files:
-            raise DataError(f"{source.path}: a directory with no .txt or .md files; a folder is read as a text corpus, "
+            raise DataError(f"{source.path}: is a directory with no .txt or .md files; a folder is read as a text corpus, "
                             f"other data files ({', '.join(FILE_SUFFIXES[:4])}) are listed as sources one by one")
         log.info("%s: %d text files, %d documents (data.text_unit: %s)", source.path, len(files), len(rows), unit)
     elif path.is_file():
