@@ -16,6 +16,8 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from h1tune.config_checks import (DPO_LOSS_TYPES, GRPO_LOSS_TYPES, KTO_LOSS_TYPES, distributed_checks,
+                                  objective_checks)
 from h1tune.errors import ConfigError
 from h1tune.policy import FREEZE_GROUPS, target_spelling_problems
 
@@ -27,15 +29,11 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
 # Preference formats (DPO pairs, then KTO's unpaired rows), in detection order: h1tune.data.preference.
 PreferenceFormat = Literal["sharegpt_ranking", "preference", "kto_sharegpt", "kto_messages", "kto_prompt_completion"]
-Objective = Literal["sft", "dpo", "kto"]
+Objective = Literal["sft", "dpo", "kto", "grpo"]
 TextUnit = Literal["line", "paragraph", "file"]
 # How several processes share a run (h1tune.train.strategies): none (one process, or plain DDP under a
 # launcher), ddp, fsdp (FSDP2), or DeepSpeed ZeRO stage 2 / 3.
 Distributed = Literal["none", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"]
-# TRL 1.16's loss names (DPOConfig.loss_type / KTOConfig.loss_type); a test checks them against TRL.
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 class _Section(BaseModel):
@@ -130,14 +128,31 @@ class AdapterConfig(_Section):
         return [value] if isinstance(value, str) else value
 
 
+class RewardConfig(_Section):
+    """One GRPO reward: a built-in by `name` (math_answer, think_format, tool_call, length) or a user
+    `function` ('path/to/rewards.py:score'), and its weight in the sum."""
+
+    name: str | None = None
+    function: str | None = None
+    weight: float = 1.0
+    target: int | None = Field(None, gt=0, description="length: the target completion length in characters")
+
+
 class TrainingConfig(_Section):
     """Optimiser, schedule and loop settings; `None` means "take it from the recipe"."""
 
-    objective: Objective = Field("sft", description="sft, or preference tuning: dpo (pairs) or kto (labelled completions)")
-    recipe: Literal["lora", "tii_sft", "tii_dpo", "dpo", "kto"] | None = Field(
-        None, description="default: lora for LoRA SFT, tii_sft for full SFT, dpo / kto for those objectives")
-    beta: float | None = Field(None, gt=0, description="dpo/kto: deviation from the reference (TRL's beta)")
-    loss_type: list[str] | None = Field(None, description="dpo/kto: TRL loss names, e.g. sigmoid_norm; default from the recipe")
+    objective: Objective = Field("sft", description="sft, preference tuning: dpo (pairs) or kto (labelled completions), "
+                                 "or grpo (online RL on prompts with training.rewards)")
+    recipe: Literal["lora", "tii_sft", "tii_dpo", "dpo", "kto", "grpo"] | None = Field(
+        None, description="default: lora for LoRA SFT, tii_sft for full SFT, dpo / kto / grpo for those objectives")
+    beta: float | None = Field(None, ge=0, description="dpo/kto: deviation from the reference (TRL's beta); grpo: the "
+                               "KL coefficient (0: no reference forward)")
+    loss_type: list[str] | None = Field(None, description="dpo/kto/grpo: TRL loss names, e.g. sigmoid_norm; default from the recipe")
+    rewards: list[RewardConfig] = Field(default_factory=list, description="grpo: reward functions, summed with their weights")
+    num_generations: int = Field(4, ge=2, description="grpo: completions sampled per prompt (a group)")
+    max_completion_length: int = Field(128, gt=0, description="grpo: tokens generated per completion at most")
+    temperature: float = Field(1.0, gt=0, description="grpo: sampling temperature of the rollouts")
+    top_p: float = Field(1.0, gt=0, le=1, description="grpo: nucleus sampling of the rollouts")
     schedule_epochs: float | None = Field(None, gt=0, description="the LR schedule spans this many epochs; training stops after num_train_epochs")
     learning_rate: float | None = Field(None, gt=0)
     lr_scheduler_type: str | None = None
@@ -230,54 +245,7 @@ def _cross_checks(cfg: H1tuneConfig) -> list[str]:
     if cfg.adapter.method == "lora":
         problems += [f"adapter.target_modules: {p}" for p in
                      target_spelling_problems(cfg.adapter.target_modules, cfg.adapter.exclude_modules)]
-    return problems + _objective_checks(cfg) + _distributed_checks(cfg)
-
-
-_OBJECTIVE_RECIPES = {"sft": ("lora", "tii_sft"), "dpo": ("tii_dpo", "dpo"), "kto": ("kto",)}
-
-
-def _objective_checks(cfg: H1tuneConfig) -> list[str]:
-    """Recipe, loss names and options that belong to another objective."""
-    t, problems = cfg.training, []
-    if t.recipe and t.recipe not in _OBJECTIVE_RECIPES[t.objective]:
-        problems.append(f"training.recipe: {t.recipe!r} is not a recipe for training.objective {t.objective!r}; "
-                        f"choose from {', '.join(_OBJECTIVE_RECIPES[t.objective])}")
-    if t.objective == "sft":
-        problems += [f"training.{name}: applies to objective dpo or kto; set training.objective or remove it"
-                     for name in ("beta", "loss_type") if getattr(t, name) is not None]
-    else:
-        names = DPO_LOSS_TYPES if t.objective == "dpo" else KTO_LOSS_TYPES
-        problems += [f"training.loss_type: {name!r} is not a TRL {t.objective.upper()} loss; choose from "
-                     f"{', '.join(names)}" for name in t.loss_type or () if name not in names]
-    if t.objective == "kto" and t.loss_type and len(t.loss_type) > 1:
-        problems.append("training.loss_type: KTO takes one loss name")
-    if cfg.model.adapter and cfg.adapter.method == "full":
-        problems.append("model.adapter: continuing a LoRA adapter needs adapter.method: lora; for full fine-tuning "
-                        "merge it first (h1tune merge ADAPTER OUT) and set model.name_or_path to the merged model")
-    if t.schedule_epochs is not None and t.schedule_epochs < t.num_train_epochs:
-        problems.append(f"training.schedule_epochs: {t.schedule_epochs:g} is shorter than training.num_train_epochs "
-                        f"({t.num_train_epochs:g}); the schedule must cover the epochs trained")
-    if t.objective == "kto" and "kto" in (t.loss_type or ["kto"]) and t.per_device_train_batch_size < 2:
-        problems.append("training.per_device_train_batch_size: KTO estimates its KL term from the other completions "
-                        "of the batch, so it needs at least 2 (or training.loss_type: apo_zero_unpaired)")
-    if t.objective == "kto" and cfg.data.packing:
-        problems.append("data.packing: not supported with objective kto yet (its KL term pairs completions across "
-                        "the batch); set data.packing: false")
-    return problems
-
-
-def _distributed_checks(cfg: H1tuneConfig) -> list[str]:
-    """Strategy and quantization pairs that cannot shard, each with what to choose instead."""
-    strategy, quant = cfg.training.distributed, cfg.model.quantization
-    if quant == "8bit" and strategy not in ("none", "ddp"):
-        return [f"training.distributed: {strategy!r} cannot run model.quantization: '8bit' (bitsandbytes' int8 "
-                "weights are integer tensors that FSDP and ZeRO cannot shard, and DeepSpeed's engine with them is "
-                "untested); use model.quantization: 4bit (QLoRA shards under fsdp) or training.distributed: ddp"]
-    if quant == "4bit" and strategy == "deepspeed_zero3":
-        return ["training.distributed: 'deepspeed_zero3' with model.quantization: '4bit' is not supported (ZeRO-3 "
-                "would have to build the 4-bit model inside deepspeed.zero.Init, which h1tune does not do); use "
-                "training.distributed: fsdp (QLoRA with FSDP2) or deepspeed_zero2"]
-    return []
+    return problems + objective_checks(cfg) + distributed_checks(cfg)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, raw: str, problems: list[str]) -> None:
@@ -382,6 +350,11 @@ def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
         for key in ("name_or_path", "adapter"):
             if isinstance(model.get(key), str):
                 model[key] = _relative_to(base, model[key], only_if_exists=True)
+    rewards = (tree.get("training") or {}).get("rewards") if isinstance(tree.get("training"), dict) else None
+    for reward in rewards if isinstance(rewards, list) else []:  # 'rewards.py:score': the file part is a path
+        if isinstance(reward, dict) and isinstance(reward.get("function"), str) and ".py:" in reward["function"]:
+            file, _, name = reward["function"].rpartition(":")
+            reward["function"] = f"{_relative_to(base, file, only_if_exists=False)}:{name}"
     return tree
 
 
@@ -416,6 +389,10 @@ def absolute_paths(cfg: H1tuneConfig) -> H1tuneConfig:
     for key in ("name_or_path", "adapter"):
         if isinstance(tree["model"].get(key), str):
             tree["model"][key] = local(tree["model"][key])
+    for reward in tree["training"]["rewards"]:
+        if reward["function"] and ".py:" in reward["function"]:
+            file, _, name = reward["function"].rpartition(":")
+            reward["function"] = f"{Path(file).expanduser().resolve()}:{name}"
     return H1tuneConfig.model_validate(tree)
 
 

@@ -170,10 +170,11 @@ def _tool_call(call: Any, name: str) -> dict[str, Any]:
 
 def _parse_messages(row: dict[str, Any]):
     raw = _json_field(row["messages"], "messages", list)
-    return _messages_list(raw, "messages"), _tools(row), None
+    return messages_list(raw, "messages"), _tools(row), None
 
 
-def _messages_list(raw: list[Any], name: str) -> list[dict[str, Any]]:
+def messages_list(raw: list[Any], name: str) -> list[dict[str, Any]]:
+    """Chat messages, validated: roles, tool calls, text or typed content parts, reasoning traces."""
     messages = []
     for i, message in enumerate(raw):
         where = f"{name}[{i}]"
@@ -278,7 +279,7 @@ def _parse_prompt_completion(row: dict[str, Any]):
     def side(name: str, role: str) -> list[dict[str, Any]]:
         value = row[name]
         if isinstance(value, list):
-            return _messages_list(value, name)
+            return messages_list(value, name)
         return [{"role": role, **_content({}, value, role, name)}]
 
     return side("prompt", "user") + side("completion", "assistant"), _tools(row), None

@@ -119,12 +119,21 @@ def detect_preference_format(row: Any) -> str | None:
     return None
 
 
+def is_prompt_row(row: Any) -> bool:
+    """GRPO's data: a `prompt` with no completion, or GSM8K's `question` + `answer`."""
+    return isinstance(row, dict) and (("prompt" in row and not {"completion", "chosen", "rejected"} & set(row))
+                                      or {"question", "answer"} <= set(row))
+
+
 def sft_refusal(name: str, row: Any) -> str | None:
     """Why a file cannot be SFT data when its first row is preference data (None when it is not).
 
     Read as SFT, `dpo_en_demo.json` trains on earlier turns and ignores chosen/rejected, and
     `kto_en_demo.json` trains on its undesirable replies; both must be refused, not misread.
     """
+    if is_prompt_row(row):
+        return (f"{name}: rows carry a prompt and no answer to learn ({', '.join(repr(k) for k in row)[:80]}): "
+                "prompts for online RL. Set training.objective: grpo (with training.rewards), or give SFT data")
     fmt = detect_preference_format(row)
     if fmt is None:
         return None

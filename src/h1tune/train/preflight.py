@@ -78,6 +78,12 @@ def check_inputs(cfg: H1tuneConfig, show=print) -> Inputs:
     check_template_renders(tokenizer)
     if cfg.training.objective == "sft":
         data = prepare_datasets(cfg.data, tokenizer, seed=cfg.training.seed)
+    elif cfg.training.objective == "grpo":
+        from h1tune.data.prompts import prepare_prompts
+        from h1tune.train.grpo import check_rewards, reward_functions
+
+        data = prepare_prompts(cfg.data, tokenizer, cfg.training.seed, cfg.training.max_completion_length)
+        check_rewards(reward_functions(cfg), data.train)
     else:
         from h1tune.data.preference_prepare import prepare_preference_data
 
@@ -101,6 +107,10 @@ def prepare_model(cfg: H1tuneConfig, inputs: Inputs, probe: bool | None = None) 
 
     if cfg.training.objective == "sft":
         batches = make_batches(cfg.data, inputs.tokenizer, inputs.data.train, inputs.data.eval)
+    elif cfg.training.objective == "grpo":
+        from h1tune.train.grpo import make_grpo_batches
+
+        batches = make_grpo_batches(cfg, inputs.tokenizer, inputs.data)
     else:
         from h1tune.train.preference import make_preference_batches
 
@@ -160,9 +170,14 @@ def run_check(cfg: H1tuneConfig, show=print, probe_table: bool = False, show_exa
 
 def render_example(tokenizer, example: dict, mark) -> str:
     """One prepared example as text with its trained tokens marked: an SFT example, a DPO pair (prompt,
-    then each completion scored) or a KTO completion with its label."""
+    then each completion scored), a KTO completion with its label, or a GRPO prompt and its columns."""
     if "input_ids" in example:
         return mark(tokenizer, example["input_ids"], example["labels"])
+    if "prompt" in example:  # grpo: the prompt as the model sees it (nothing is trained on it), then the columns
+        text = tokenizer.apply_chat_template(example["prompt"], tools=example.get("tools"), tokenize=False,
+                                             add_generation_prompt=True)
+        columns = {k: v for k, v in example.items() if k != "prompt"}
+        return f"{text}\n(columns for the rewards: {columns})"
     prompt = example["prompt_ids"]
 
     def side(ids: list[int]) -> str:

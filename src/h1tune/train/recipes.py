@@ -9,6 +9,10 @@
   stopped after `num_train_epochs` (1): TII found stopping at about one epoch worked best.
 - `dpo`: conventional DPO: sigmoid loss, β=0.1, 5e-6, cosine, 10% warmup (the alignment handbook's
   LoRA setting). `kto`: TRL's KTO loss with the same optimiser settings.
+- `grpo`: TRL 1.16's GRPO defaults: the `dapo` loss (token-level normalisation, clip 0.2), no KL term
+  (β=0: no reference forward; set training.beta for one, the base with the adapter disabled), AdamW
+  (0.9, 0.99), a constant 1e-5. The Falcon-H1R paper's own RL values could not be read offline, so
+  there is no `h1r_grpo` recipe yet.
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ RECIPES = {
     "tii_dpo": Recipe(5e-6, "linear", 0.1, 0.0, 0.9, 0.999, beta=5.0, loss_type="sigmoid_norm", schedule_factor=2.0),
     "dpo": Recipe(5e-6, "cosine", 0.1, 0.0, 0.9, 0.999, beta=0.1, loss_type="sigmoid"),
     "kto": Recipe(5e-6, "cosine", 0.1, 0.0, 0.9, 0.999, beta=0.1, loss_type="kto"),
+    "grpo": Recipe(1e-5, "constant", 0.0, 0.0, 0.9, 0.99, beta=0.0, loss_type="dapo"),
 }
-DEFAULT_RECIPE = {"dpo": "dpo", "kto": "kto"}  # sft: tii_sft for full fine-tuning, else lora
+DEFAULT_RECIPE = {"dpo": "dpo", "kto": "kto", "grpo": "grpo"}  # sft: tii_sft for full fine-tuning, else lora
 
 
 def tii_learning_rate(batch_tokens: int) -> float:

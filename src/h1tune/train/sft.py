@@ -143,6 +143,10 @@ class Clock:
 def _build_trainer(cfg: H1tuneConfig, ready, tokenizer, kwargs: dict, opt: dict, callbacks: list):
     """H1Trainer (SFT) or TRL's preference trainers; a set-up error becomes one paragraph that says what to change."""
     try:
+        if cfg.training.objective == "grpo":
+            from h1tune.train.grpo import build_grpo_trainer
+
+            return build_grpo_trainer(cfg, ready, tokenizer, kwargs, opt, callbacks)
         if cfg.training.objective != "sft":
             from h1tune.train.preference import build_preference_trainer
 
