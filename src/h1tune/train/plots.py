@@ -59,14 +59,16 @@ REWARDS_CURVE_FILE = "rewards_curve.png"
 
 
 def plot_rewards_curve(output_dir: str | Path) -> Path | None:
-    """DPO/KTO: reward margin and preference accuracy (train and eval) against step; None for SFT runs."""
+    """DPO/KTO: reward margin and preference accuracy; GRPO: mean reward and completion length (train and
+    eval) against step; None for SFT runs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(output_dir)
-    panels = [("rewards/margins", "reward margin"), ("rewards/accuracies", "preference accuracy")]
+    panels = [("rewards/margins", "reward margin"), ("rewards/accuracies", "preference accuracy"),
+              ("reward", "mean reward (grpo)"), ("completions/mean_length", "completion length (grpo)")]
     panels = [(key, label) for key, label in panels if any(key in r or f"eval_{key}" in r for r in records)]
     if not panels:
         return None
