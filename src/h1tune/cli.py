@@ -59,8 +59,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune from a YAML config: SFT, DPO or KTO (training.objective); LoRA, "
-                       "QLoRA or full",
+    p = sub.add_parser("train", help="fine-tune from a YAML config: SFT, DPO, KTO or GRPO (training.objective); "
+                       "LoRA, QLoRA or full",
                        description="Validate the data, load the model, apply the adapter, prove every adapter "
                        "trains (the probe), then train with progress, eval, atomic checkpoints and automatic "
                        "resume. Writes the adapter (PEFT format) or full model to OUTPUT_DIR/final.")
@@ -95,8 +95,8 @@ def _add_init_config_parser(sub) -> None:
                        "saying what it does and its choices (the same as docs/config-reference.md). Edit the data "
                        "paths and model, then `h1tune check` it.")
     p.add_argument("out", nargs="?", default="-", help="file to write (default: standard output)")
-    p.add_argument("--objective", default="sft", choices=["sft", "dpo", "kto"],
-                   help="sft (default), dpo (preference pairs) or kto (labelled completions)")
+    p.add_argument("--objective", default="sft", choices=["sft", "dpo", "kto", "grpo"],
+                   help="sft (default), dpo (preference pairs), kto (labelled completions) or grpo (prompts + rewards)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from h1tune.config import H1tuneConfig, config_from_dict
 
-_EXAMPLE_DATA = {"dpo": "pairs.jsonl", "kto": "labelled.jsonl"}
+_EXAMPLE_DATA = {"dpo": "pairs.jsonl", "kto": "labelled.jsonl", "grpo": "prompts.jsonl"}
 
 # What the schema's field descriptions leave unsaid (keys that reuse Hugging Face / PEFT names).
 NOTES = {
@@ -82,6 +82,8 @@ def _sections(objective: str) -> dict[str, Any]:
                               "split": "train"}]
     if "objective" in tree["training"]:
         tree["training"]["objective"] = objective
+    if objective == "grpo":  # a config that validates: grpo needs a reward
+        tree["training"]["rewards"] = [{"name": "math_answer", "function": None, "weight": 1.0, "target": None}]
     return tree
 
 

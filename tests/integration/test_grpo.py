@@ -135,3 +135,13 @@ def test_packed_policy_forwards_equal_padded_ones_with_every_gradient(tmp_path, 
     assert packed_grads.keys() == padded_grads.keys() and len(packed_grads) == 64
     for name in packed_grads:
         torch.testing.assert_close(packed_grads[name], padded_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_check_validates_a_grpo_config_and_shows_its_prompts(tmp_path, tiny_dir, capsys):
+    config = grpo_config(tmp_path, tiny_dir, rewards=[{"name": "length"}, {"name": "think_format", "weight": 0.2}])
+    assert main(["check", config, "--set", "adapter.probe=true", "--show-example", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt data (objective grpo)" in out and "prompts kept 32" in out
+    assert "<|im_start|>user\nSay something about 0.<|im_end|>\n<|im_start|>assistant\n" in out
+    assert "adapter probe: 32/32 LoRA modules live" in out and "check passed" in out
+    assert not (tmp_path / "run").exists()

@@ -112,7 +112,7 @@ def test_unknown_key_suggests_the_closest_valid_one():
     assert "training.learning_rte: unknown key; did you mean 'learning_rate'?" in text
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo", "kto"])
+@pytest.mark.parametrize("objective", ["sft", "dpo", "kto", "grpo"])
 def test_init_config_writes_every_key_and_loads_for_each_objective(objective, tmp_path):
     from h1tune.cli import main
 

@@ -140,10 +140,12 @@ class H1GRPOTrainer(H1TrainerMixin, GRPOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        import time
+
         from trl.models import unwrap_model_for_generation
         from trl.trainer.utils import pad
 
-        device = self.accelerator.device
+        started, device = time.perf_counter(), self.accelerator.device
         prompts = [torch.tensor(ids) for ids in prompt_ids]
         ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
         mask = pad([torch.ones_like(t) for t in prompts], padding_value=0, padding_side="left").to(device)
@@ -155,6 +157,8 @@ class H1GRPOTrainer(H1TrainerMixin, GRPOTrainer):
         logps = sampled_logps(out.logits, completions, self.temperature)
         is_eos = torch.isin(completions, torch.tensor(self.eos_token_ids, device=device))
         ends = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), completions.size(1))
+        self._metrics["train" if self.model.training else "eval"]["timing/generation_s"].append(
+            time.perf_counter() - started)  # beside TRL's step_time: what share the rollouts take
         return ([c[: e + 1].tolist() for c, e in zip(completions.cpu(), ends.tolist())],
                 [lp[: e + 1].tolist() for lp, e in zip(logps.cpu(), ends.tolist())])
 
