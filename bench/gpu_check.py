@@ -14,7 +14,11 @@ Each step runs in its own process under a time budget (and the run under a globa
 step that fails, crashes or hangs is reported in its table and the others still run. A table per
 step is printed as it finishes; --json gets everything, rewritten after each step. Exit code 0
 only when every step passed. In the dry run (--cpu) the tiny preset replaces the 0.5B shape, and
-GPU-only pieces run on labelled stand-ins (tests/unit/fused_double.py for the fused kernel).
+GPU-only pieces run on labelled stand-ins: for the fused kernel, h1tune/ssm/fused_reference.py (pure
+torch, mamba_ssm's signature; nothing here imports tests/). mamba_ssm's real Triton code runs on CPU
+in tests/kernels_sim (bash scripts/test_kernels.sh), probe included, at an interpreter-sized mixer: at the
+dry run's tiny preset Triton's interpreter takes ~32 s per forward (measured) and the probe step
+runs ~70 (40 min or more), far past its 90 s budget, so the dry run keeps the stand-in even where that tier is set up.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-STAND_IN_DIR = REPO / "tests" / "unit"  # fused_double.py: mamba_ssm's fused kernel in pure torch, for CPU
 # H200 SXM dense bf16 peak from NVIDIA's datasheet (989.4 TFLOP/s without sparsity); a 8192^3 bf16
 # matmul measured 769-798 TFLOP/s on these machines (device notes), so MFU near 80% is the ceiling.
 H200_BF16_PEAK_TFLOPS = 989.4
@@ -176,18 +175,16 @@ def write_result(path: Path, payload: dict) -> None:
 
 
 def install_fused_stand_in() -> str:
-    """Put tests/unit/fused_double.py's pure-torch fused kernel where transformers calls mamba_ssm's.
+    """Put h1tune.ssm.fused_reference's pure-torch fused kernel where transformers calls mamba_ssm's.
 
     The dry run's stand-in for `mamba_split_conv1d_scan_combined`: it reads conv1d and out_proj
     weights raw, exactly as the real kernel does, so LoRA wrappers around them are bypassed on CPU.
+    (mamba_ssm's real Triton code runs on CPU in tests/kernels_sim; at this preset's size Triton's
+    interpreter is far too slow for the dry run's budget.)
     """
-    import transformers.models.falcon_h1.modeling_falcon_h1 as mf
+    from h1tune.ssm import fused_reference
 
-    sys.path.insert(0, str(STAND_IN_DIR))
-    import fused_double
-
-    mf.mamba2_split_conv1d_scan_combined = fused_double._as_transformers_calls_it
-    return "tests/unit/fused_double.py (pure-torch stand-in with mamba_ssm's signature)"
+    return fused_reference.install()
 
 
 def synchronize(device: str) -> None:

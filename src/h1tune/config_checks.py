@@ -6,10 +6,9 @@ Each returns the problems it finds, each naming the field and the choice that fi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from h1tune.config import H1tuneConfig
+H1tuneConfig = Any  # h1tune.config.H1tuneConfig, which imports this module (no import back: no cycle)
 
 # TRL 1.16's loss names (DPOConfig.loss_type / KTOConfig.loss_type); a test checks them against TRL.
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -17,6 +16,7 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
+BUILTIN_NAMES = ("math_answer", "think_format", "tool_call", "length")  # h1tune.rewards' built-ins
 GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 
 _OBJECTIVE_RECIPES = {"sft": ("lora", "tii_sft"), "dpo": ("tii_dpo", "dpo"), "kto": ("kto",), "grpo": ("grpo",)}
@@ -71,8 +71,6 @@ def distributed_checks(cfg: H1tuneConfig) -> list[str]:
 def grpo_checks(cfg: H1tuneConfig) -> list[str]:
     """Rewards belong to grpo and grpo needs them; each reward names exactly one source; the batch holds
     whole groups."""
-    from h1tune.rewards import BUILTIN_NAMES
-
     t, problems = cfg.training, []
     if t.objective != "grpo":
         if t.rewards:

@@ -1,7 +1,7 @@
 """The GPU check's CPU dry run (bench/gpu_check.py --cpu): every step runs and passes on the tiny
 preset, so the script cannot rot between GPU loans. The driver runs as a user runs it, in a
 subprocess, and its JSON is read back: the same code the GPU run takes, with the labelled
-stand-in (tests/unit/fused_double.py) where the fused kernel would be.
+stand-in (h1tune/ssm/fused_reference.py) where the fused kernel would be.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def test_paths_every_call_on_h1tune_kernels(dry_run):
 
 def test_probe_finds_out_proj_inert_under_the_stand_in(dry_run):
     data = dry_run[1]["steps"]["probe"]["data"]
-    assert "stand-in" in data["kernel"] and "fused_double" in data["kernel"]
+    assert "stand-in" in data["kernel"] and "fused_reference" in data["kernel"]
     assert data["defaults"]["modules"] == 4 * 8 and data["defaults"]["inert"] == []
     forced = data["forced"]
     assert forced["inert"] == forced["expected_inert"] == [f"model.layers.{i}.mamba.out_proj" for i in range(4)]

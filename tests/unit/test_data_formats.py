@@ -143,9 +143,12 @@ def test_bad_function_call_and_undetectable_format(tmp_path):
                                                     {"from": "function_call", "value": "get_weather(Paris)"}]}]))
     assert "conversations[1]: a function_call value must be a JSON string" in error_of(share)
     odd = tmp_path / "odd.jsonl"
-    odd.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    odd.write_text(json.dumps({"query": "q", "response": "a"}) + "\n")
     message = error_of(odd)
-    assert "cannot tell the data format" in message and "'question', 'answer'" in message and "alpaca" in message
+    assert "cannot tell the data format" in message and "'query', 'response'" in message and "alpaca" in message
+    gsm8k = tmp_path / "gsm8k.jsonl"  # prompts with a reference answer: GRPO's data, named as such
+    gsm8k.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
+    assert "Set training.objective: grpo" in error_of(gsm8k)
 
 
 def test_empty_and_missing_files_never_reach_the_hub(tmp_path, monkeypatch):

@@ -58,7 +58,7 @@ def test_contradictions_are_reported_together():
 
 
 def test_sft_refuses_preference_only_options():
-    with pytest.raises(ConfigError, match="training.beta: applies to objective dpo or kto"):
+    with pytest.raises(ConfigError, match="training.beta: applies to objective dpo, kto or grpo"):
         load_config(None, ["training.beta=0.1"])
     with pytest.raises(ConfigError, match="training.recipe: 'dpo' is not a recipe for training.objective 'sft'"):
         load_config(None, ["training.recipe=dpo"])

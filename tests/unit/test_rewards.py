@@ -68,3 +68,9 @@ def test_user_functions_load_from_a_file_and_bad_ones_fail_clearly(tmp_path):
         check_reward(load_function(f"{tmp_path / 'shape.py'}:narrow", "f"), "narrow", sample)
     with pytest.raises(ConfigError, match="does not exist"):
         load_function("missing.py:score", "f")
+
+
+def test_the_config_accepts_exactly_the_built_in_rewards():
+    from h1tune.rewards import BUILTIN_NAMES, BUILTINS
+
+    assert BUILTIN_NAMES == (*BUILTINS, "length")

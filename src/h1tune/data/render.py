@@ -38,9 +38,10 @@ DROP_EMPTY_ASSISTANT = "empty assistant turn (data.empty_assistant: drop)"
 
 
 def has_empty_assistant(conv: Conversation) -> bool:
-    """An assistant turn with neither text nor a tool call would train on the end-of-turn token alone."""
+    """An assistant turn with neither text, a reasoning trace nor a tool call would train on the end-of-turn
+    token alone."""
     return any(m["role"] == "assistant" and not m.get("content", "").strip() and not m.get("tool_calls")
-               for m in conv.messages)
+               and not m.get("reasoning_content") for m in conv.messages)
 
 
 @dataclass
