@@ -149,8 +149,9 @@ class H1GRPOTrainer(H1TrainerMixin, GRPOTrainer):
         prompts = [torch.tensor(ids) for ids in prompt_ids]
         ids = pad(prompts, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
         mask = pad([torch.ones_like(t) for t in prompts], padding_value=0, padding_side="left").to(device)
-        with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                         generation_kwargs=self.generation_kwargs) as unwrapped, torch.no_grad():
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator, generation_kwargs=self.generation_kwargs,
+                                         gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+                                         ) as unwrapped, torch.no_grad():
             out = unwrapped.generate(input_ids=ids, attention_mask=mask, generation_config=self.generation_config,
                                      return_dict_in_generate=True, output_logits=True)
         completions = out.sequences[:, ids.size(1):]
