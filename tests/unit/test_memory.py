@@ -35,3 +35,15 @@ def test_a_run_that_cannot_fit_even_with_checkpointing_is_refused(monkeypatch):
     monkeypatch.setattr(memory.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 2**20)  # 4 GiB
     text = memory.refusal(plan, 64 * 4096)
     assert text and "per_device_train_batch_size" in text and "4.0 GiB" in text
+
+
+def test_chunked_logits_and_shallow_models_are_estimated_as_they_run():
+    """A 32K-token SFT step: the chunked loss holds one chunk's logits, and checkpointing a 4-layer model
+    cannot hold more than its 4 layers (it used to count 8, estimating more with checkpointing than without)."""
+    tiny, t90 = frozen_base("tiny"), frozen_base("tiny-90m")
+    tokens = 32768
+    shallow = memory.plan_memory(True, tiny, tokens, logit_tokens=1024)
+    assert shallow.with_checkpointing <= shallow.without_checkpointing
+    whole = memory.estimate_bytes(t90, 16384, True, 4)
+    chunked = memory.estimate_bytes(t90, 16384, True, 4, logit_tokens=1024)
+    assert whole - chunked == (16384 - 1024) * 32768 * 12  # the full logits, softmax and gradient that never exist

@@ -61,25 +61,31 @@ def available_memory() -> int | None:
         return None
 
 
-def estimate_bytes(model, tokens_per_step: int, checkpointing: bool, act_bytes: int) -> int:
-    """Weights + trainable state + saved activations + logits + runtime, for one micro-batch of tokens."""
+def estimate_bytes(model, tokens_per_step: int, checkpointing: bool, act_bytes: int,
+                   logit_tokens: int | None = None) -> int:
+    """Weights + trainable state + saved activations + logits + runtime, for one micro-batch of tokens.
+
+    `logit_tokens`: tokens whose logits exist at once (SFT's chunked loss: one chunk; default all).
+    Checkpointing never holds more than not checkpointing (a 4-layer model has no 8 layers to recompute).
+    """
     config = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * (4 + 4 + 8)  # fp32 grad + Adam
     hidden, layers = config.hidden_size, config.num_hidden_layers
     per_layer = tokens_per_step * ACTIVATION_FACTOR * hidden * act_bytes
-    activations = (tokens_per_step * layers * hidden * act_bytes * 2 + RECOMPUTE_LAYERS * per_layer if checkpointing
-                   else per_layer * layers)
-    logits = tokens_per_step * config.vocab_size * 4 * 3  # fp32 logits, softmax and its gradient
+    activations = per_layer * layers
+    if checkpointing:  # layer inputs kept, one recomputed layer (and slack) at a time: never more than without
+        activations = min(activations, tokens_per_step * layers * hidden * act_bytes * 2 + RECOMPUTE_LAYERS * per_layer)
+    logits = min(tokens_per_step, logit_tokens or tokens_per_step) * config.vocab_size * 4 * 3  # fp32, softmax, grad
     return weights + trainable + activations + logits + RUNTIME_OVERHEAD
 
 
 def plan_memory(requested, model, tokens_per_step: int, act_bytes: int = 4,
-                available: int | None = None) -> MemoryPlan:
+                available: int | None = None, logit_tokens: int | None = None) -> MemoryPlan:
     """Decide gradient checkpointing for `requested` (True, False or "auto") from the estimate."""
     available = available_memory() if available is None else available
-    without = estimate_bytes(model, tokens_per_step, False, act_bytes)
-    with_ckpt = estimate_bytes(model, tokens_per_step, True, act_bytes)
+    without = estimate_bytes(model, tokens_per_step, False, act_bytes, logit_tokens)
+    with_ckpt = estimate_bytes(model, tokens_per_step, True, act_bytes, logit_tokens)
     budget = available * FIT_FRACTION if available else None
     if requested == "auto":
         on = budget is not None and without > budget

@@ -167,12 +167,23 @@ def with_memory_plan(cfg: H1tuneConfig, ready) -> H1tuneConfig:
 
     tokens = ready.batches.micro_batch_tokens(cfg.training)
     act_bytes = 2 if ready.precision is not None and ready.precision.autocast else 4
-    plan = plan_memory(cfg.training.gradient_checkpointing, ready.model, tokens, act_bytes)
+    plan = plan_memory(cfg.training.gradient_checkpointing, ready.model, tokens, act_bytes,
+                       logit_tokens=sft_logit_tokens(cfg, ready.model))
     why = refusal(plan, tokens)
     if why:
         raise H1tuneError(f"not enough memory: {why}")
     print(f"gradient checkpointing {plan.summary()}")
     return cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": plan.checkpointing})})
+
+
+def sft_logit_tokens(cfg: H1tuneConfig, model) -> int | None:
+    """SFT on one process or DDP computes the loss a chunk at a time (H1Trainer): only one chunk's logits
+    exist; the other objectives (TRL's heads) and sharded strategies are counted whole (None)."""
+    from h1tune.train.loss import CHUNK_LOGIT_BYTES
+
+    if cfg.training.objective != "sft" or cfg.training.distributed not in ("none", "ddp"):
+        return None
+    return max(1, CHUNK_LOGIT_BYTES // (4 * model.config.vocab_size))
 
 
 def resolved_config(cfg: H1tuneConfig, opt: dict) -> H1tuneConfig:
