@@ -20,6 +20,7 @@ the row's other fields (e.g. `answer`), one value per completion. The built-ins:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import json
@@ -127,24 +128,29 @@ BUILTINS: dict[str, Callable] = {"math_answer": math_answer, "think_format": thi
 # BUILTIN_NAMES (config_checks, which validates configs without importing this) == (*BUILTINS, "length"): tested
 
 
+@functools.lru_cache(maxsize=None)
+def _import(module_part: str):
+    """A reward file (or module), imported once per process: `check` and the trainer share it, and a
+    file's top-level code (loading a verifier, say) runs once. A failed import is not cached."""
+    if not module_part.endswith(".py"):
+        return importlib.import_module(module_part)
+    path = Path(module_part).expanduser()
+    loaded = importlib.util.spec_from_file_location(f"h1tune_rewards_{path.stem}", path)
+    module = importlib.util.module_from_spec(loaded)
+    sys.modules[loaded.name] = module
+    loaded.loader.exec_module(module)
+    return module
+
+
 def load_function(spec: str, where: str) -> Callable:
     """`path/to/file.py:function` (or `module:function`) -> the function; a clear ConfigError otherwise."""
     module_part, _, name = spec.rpartition(":")
     if not module_part or not name:
         raise ConfigError(f"{where}: {spec!r} must be 'path/to/rewards.py:function' or 'module:function'")
+    if module_part.endswith(".py") and not Path(module_part).expanduser().is_file():
+        raise ConfigError(f"{where}: {module_part!r} does not exist (paths are relative to the config file)")
     try:
-        if module_part.endswith(".py"):
-            path = Path(module_part).expanduser()
-            if not path.is_file():
-                raise ConfigError(f"{where}: {str(path)!r} does not exist (paths are relative to the config file)")
-            loaded = importlib.util.spec_from_file_location(f"h1tune_rewards_{path.stem}", path)
-            module = importlib.util.module_from_spec(loaded)
-            sys.modules[loaded.name] = module
-            loaded.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_part)
-    except ConfigError:
-        raise
+        module = _import(module_part)
     except Exception as exc:  # the user's module failed to import: say which and why, before any model loads
         raise ConfigError(f"{where}: importing {module_part!r} failed: {type(exc).__name__}: {exc}") from None
     fn = getattr(module, name, None)
