@@ -14,8 +14,6 @@ H1tuneConfig = Any  # h1tune.config.H1tuneConfig, which imports this module (no 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
-
-
 BUILTIN_NAMES = ("math_answer", "think_format", "tool_call", "length")  # h1tune.rewards' built-ins
 GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 
@@ -64,8 +62,6 @@ def distributed_checks(cfg: H1tuneConfig) -> list[str]:
                 "would have to build the 4-bit model inside deepspeed.zero.Init, which h1tune does not do); use "
                 "training.distributed: fsdp (QLoRA with FSDP2) or deepspeed_zero2"]
     return []
-
-
 
 
 def grpo_checks(cfg: H1tuneConfig) -> list[str]:

@@ -22,7 +22,8 @@ from typing import Any
 
 from h1tune.data.preference import PreferencePair, UnpairedExample
 from h1tune.data.reasoning import messages_to_render, template_reads_reasoning
-from h1tune.data.render import DROP_TOO_LONG, IGNORE_INDEX, assistant_spans, check_chat_template, label_tokens
+from h1tune.data.render import (DROP_TOO_LONG, IGNORE_INDEX, assistant_spans, check_chat_template, label_tokens,
+                                with_system_prompt)
 from h1tune.errors import DataError
 
 DROP_SAME = "chosen equals rejected"
@@ -40,19 +41,13 @@ class Fitted:
     truncated: bool = False
 
 
-def _messages(prompt: list[dict[str, Any]], completion: dict[str, Any], system_prompt: str | None):
-    messages = [*prompt, completion]
-    if system_prompt and not any(m["role"] == "system" for m in messages):
-        messages = [{"role": "system", "content": system_prompt}, *messages]
-    return messages
-
 
 def encode_side(tokenizer, prompt: list[dict[str, Any]], completion: dict[str, Any], tools: list[Any] | None,
                 system_prompt: str | None, where: str, reasoning: str = "train") -> tuple[list[int], int]:
     """Token ids of prompt + completion (ending with the completion) and where the completion starts.
 
     A completion's reasoning trace is rendered (and scored with it) unless data.reasoning is drop."""
-    messages, _ = messages_to_render(_messages(prompt, completion, system_prompt), reasoning,
+    messages, _ = messages_to_render(with_system_prompt([*prompt, completion], system_prompt), reasoning,
                                      template_reads_reasoning(tokenizer))
     text, spans = assistant_spans(tokenizer, messages, tools, where)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 from h1tune.data.formats import RowError, messages_list
 from h1tune.data.preference import is_prompt_row
-from h1tune.data.render import render
+from h1tune.data.render import render, with_system_prompt
 from h1tune.data.sources import apply_weight, parse_rows, source_rows
 from h1tune.data.summary import histogram
 from h1tune.errors import DataError
@@ -111,7 +111,7 @@ def prepare_prompts(data_cfg, tokenizer, seed: int, max_completion_length: int) 
     budget = data_cfg.max_length - max_completion_length
     kept, ids, dropped = [], [], {}
     for row in train:
-        messages = _with_system(row["prompt"], data_cfg.system_prompt)
+        messages = with_system_prompt(row["prompt"], data_cfg.system_prompt)
         text = render(tokenizer, messages, row.get("tools"), "prompt", add_generation_prompt=True)
         tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(tokens) > budget:
@@ -125,11 +125,6 @@ def prepare_prompts(data_cfg, tokenizer, seed: int, max_completion_length: int) 
     columns = sorted({k for row in kept for k in row if k != "prompt"})
     summary = PromptSummary(described, len(kept), dropped, columns, [len(t) for t in ids], data_cfg.max_length,
                             max_completion_length, len(evaluation))
-    evaluation = [{**row, "prompt": _with_system(row["prompt"], data_cfg.system_prompt)} for row in evaluation]
+    evaluation = [{**row, "prompt": with_system_prompt(row["prompt"], data_cfg.system_prompt)} for row in evaluation]
     return PreparedPrompts(kept, evaluation, summary, ids)
 
-
-def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    if system_prompt and not any(m["role"] == "system" for m in messages):
-        return [{"role": "system", "content": system_prompt}, *messages]
-    return messages

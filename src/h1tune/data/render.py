@@ -79,12 +79,16 @@ class TokenizedExample:
         return {"input_ids": list(self.input_ids), "labels": list(self.labels)}
 
 
+def with_system_prompt(messages: list[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:
+    """`messages` with `data.system_prompt` first when they have no system turn (SFT, preference and GRPO data)."""
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
 def chat_messages(conv: Conversation, system_prompt: str | None) -> list[dict[str, Any]]:
     """The conversation's messages, with `data.system_prompt` first when it has no system turn."""
-    messages = conv.messages
-    if system_prompt and not any(m["role"] == "system" for m in messages):
-        messages = [{"role": "system", "content": system_prompt}, *messages]
-    return messages
+    return with_system_prompt(conv.messages, system_prompt)
 
 
 def check_chat_template(tokenizer, assistant_only_loss: bool = True) -> None:
