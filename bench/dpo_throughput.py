@@ -35,7 +35,7 @@ def _pairs(n: int) -> list[dict]:
 
 def run_h1tune(args, packed: bool, work: Path) -> dict:
     from h1tune.config import load_config
-    from h1tune.train.sft import run_training
+    from h1tune.train.run import run_training
 
     (work / "pairs.json").write_text(json.dumps(_pairs(args.pairs)))
     cfg = load_config(None, [

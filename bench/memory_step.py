@@ -28,7 +28,7 @@ def h1tune_step(preset: str, tokens: int) -> dict:
     from h1tune.config import load_config
     from h1tune.model import load_model
     from h1tune.precision import autocast, flush_denormals, training_precision
-    from h1tune.train.loss import chunked_lm_loss
+    from h1tune.lm.loss import chunked_lm_loss
     from h1tune.train.memory import plan_memory
 
     cfg = load_config(None, [f"model.name_or_path={preset}"])

@@ -49,7 +49,7 @@ def main() -> None:
     from h1tune.config import load_config
     from h1tune.model import load_model
     from h1tune.precision import cpu_model, flush_denormals, gemm_speeds
-    from h1tune.train.loss import chunked_lm_loss
+    from h1tune.lm.loss import chunked_lm_loss
 
     fp32_peak, _ = gemm_speeds()
     cfg = load_config(None, [f"model.name_or_path={args.preset}", "model.dtype=float32", "adapter.probe=false"])

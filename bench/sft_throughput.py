@@ -41,7 +41,7 @@ def run_h1tune(args, packed: bool, work: Path) -> dict:
     from h1tune.config import load_config
     from h1tune.data import prepare_datasets
     from h1tune.model import load_tokenizer
-    from h1tune.train.sft import run_training
+    from h1tune.train.run import run_training
 
     train, held = _rows(args.rows, args.holdout)
     for name, rows in (("train.jsonl", train), ("eval.jsonl", held)):
@@ -75,7 +75,7 @@ def run_trl(args, work: Path) -> dict:
     from h1tune.config import ModelConfig
     from h1tune.data import pad_collate
     from h1tune.model import load_tokenizer, resolve_model_path
-    from h1tune.train.loss import token_loss_sum
+    from h1tune.lm.loss import token_loss_sum
 
     train, held = _rows(args.rows, args.holdout)
     to_pc = lambda r: {"prompt": _as_messages(r)[:1], "completion": _as_messages(r)[1:]}  # noqa: E731

@@ -204,7 +204,7 @@ def _preload() -> None:
     import trl  # noqa: F401
 
     import h1tune.data  # noqa: F401
-    import h1tune.train.sft  # noqa: F401
+    import h1tune.train.run  # noqa: F401
 
 
 def _table(ctx: Ctx, cfg: dict, results: dict) -> StepResult:

@@ -204,7 +204,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return launched
     if args.own_process:
         _hide_unused_bitsandbytes(cfg)
-    from h1tune.train.sft import run_training
+    from h1tune.train.run import run_training
 
     try:
         result = run_training(cfg, overwrite=args.overwrite, resume=args.resume)

@@ -121,7 +121,7 @@ def use_h1tune_mamba_kernels() -> None:
 
     They are exact and faster than transformers' torch fallback (bench/profile_mamba.py), and on
     CUDA with mamba_ssm the seam still hands every call to the real kernels. Packing needs them
-    (batching.py installs them and fails there); plain batches only lose speed without them, so an
+    (lm/batching.py installs them and fails there); plain batches only lose speed without them, so an
     unsupported transformers costs a warning here, not the run.
     """
     from h1tune import ssm

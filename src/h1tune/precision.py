@@ -154,7 +154,7 @@ def fp32_gap(model, batch: dict, precision: Precision) -> str | None:
 
     if not precision.autocast or precision.weights != "float32":
         return None
-    from h1tune.train.loss import shifted_cross_entropy
+    from h1tune.lm.loss import shifted_cross_entropy
 
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}

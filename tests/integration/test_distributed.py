@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from h1tune.config import load_config
 from h1tune.train.run_dir import complete_checkpoints
-from h1tune.train.sft import run_training
+from h1tune.train.run import run_training
 
 CONVERSATIONS = [("Say hello.", "Hello!"), ("Capital of France?", "Paris."), ("Count to three.", "One, two, three."),
                  ("Colour of the sky?", "Blue, mostly."), ("Two plus two?", "Four.")]

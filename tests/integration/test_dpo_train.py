@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from h1tune.cli import main
 from h1tune.config import load_config
 from h1tune.train.run_dir import complete_checkpoints
-from h1tune.train.sft import run_training
+from h1tune.train.run import run_training
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
 

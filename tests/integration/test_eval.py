@@ -136,7 +136,7 @@ def test_sampled_generations_are_reproducible_from_their_seed(tmp_path, tiny_dir
 
 def own_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
     """sum log p(continuation | context), computed with h1tune's own token loss (one sequence, no padding)."""
-    from h1tune.train.trainer import token_loss_sum
+    from h1tune.lm.loss import token_loss_sum
 
     whole = tokenizer(context + continuation)["input_ids"]
     n_context = len(tokenizer(context)["input_ids"])

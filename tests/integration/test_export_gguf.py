@@ -44,7 +44,7 @@ THREADS = 1  # shared 2-core machines: one llama.cpp thread, as torch in conftes
 def sft_run(tmp_path_factory, tiny_dir) -> Path:
     """A LoRA SFT run on the tiny preset that memorises three short chats (8 steps)."""
     from h1tune.config import load_config
-    from h1tune.train.sft import run_training
+    from h1tune.train.run import run_training
 
     root = tmp_path_factory.mktemp("gguf")
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from h1tune.config import load_config
 from h1tune.train.preflight import check_inputs, prepare_model
-from h1tune.train.sft import run_training
+from h1tune.train.run import run_training
 
 
 def bf16_checkpoint(tiny_dir, tmp_path):

@@ -112,7 +112,7 @@ def test_non_empty_output_dir_is_refused_before_the_data_checks_and_overwrite_sa
 def test_ctrl_c_says_how_to_resume_and_resume_takes_a_checkpoint(project, monkeypatch, capsys):
     from transformers import TrainerCallback
 
-    from h1tune.train import sft
+    from h1tune.train import run
 
     class Interrupt(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):

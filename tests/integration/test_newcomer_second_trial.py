@@ -77,7 +77,7 @@ def test_probe_measures_preference_rows_with_long_prompts(tmp_path, tiny_dir, ca
 
 
 def test_probe_windows_end_inside_the_labelled_tokens():
-    from h1tune.train.batching import probe_examples
+    from h1tune.lm.batching import probe_examples
 
     late = {"input_ids": list(range(300)), "labels": [-100] * 250 + list(range(250, 300))}
     unlabelled = {"input_ids": list(range(10)), "labels": [-100] * 10}

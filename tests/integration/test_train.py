@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from h1tune.config import load_config
 from h1tune.errors import H1tuneError
 from h1tune.train.run_dir import complete_checkpoints
-from h1tune.train.sft import run_training
+from h1tune.train.run import run_training
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 from h1tune.data.render import IGNORE_INDEX
 from h1tune.presets import build_model
-from h1tune.train.loss import chunked_lm_loss
+from h1tune.lm.loss import chunked_lm_loss
 
 
 @pytest.mark.parametrize("chunk", [5, 7, 1000])

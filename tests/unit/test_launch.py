@@ -116,7 +116,7 @@ def test_cli_launches_instead_of_training(monkeypatch, tmp_path):
     config.write_text("training: {distributed: ddp}\noutput_dir: out\n")
     seen = []
     monkeypatch.setattr(launch_mod.subprocess, "call", lambda argv: seen.append(argv) or 0)
-    monkeypatch.setattr("h1tune.train.sft.run_training", lambda *a, **k: pytest.fail("trained in the launcher"))
+    monkeypatch.setattr("h1tune.train.run.run_training", lambda *a, **k: pytest.fail("trained in the launcher"))
     assert cli.main(["train", str(config), "--nproc", "2", "--set", "training.seed=5"]) == 0
     assert seen == [head("ddp.yaml", 2) + ["-m", "h1tune.cli", "train", str(config), "--set", "training.seed=5"]]
 

@@ -99,3 +99,17 @@ def test_files_and_functions_stay_small():
                 if length > MAX_FUNCTION_LINES:
                     too_long.append(f"{name}.{node.name}: {length} lines")
     assert too_long == []
+
+
+# The layers below the training loop: a reader of the loss, the batches, the data, the kernels, the
+# adapters (probe included) or the evaluation never has to open train/ to follow them (issue 23).
+BELOW_TRAIN = ("h1tune.lm", "h1tune.data", "h1tune.ssm", "h1tune.adapters", "h1tune.evaluation", "h1tune.export",
+               "h1tune.precision", "h1tune.model", "h1tune.config")
+
+
+def test_the_layers_below_train_do_not_import_it():
+    modules = _modules()
+    upward = sorted(f"{name} imports {target}" for name, path in modules.items() if name.startswith(BELOW_TRAIN)
+                    for target in _imports(name, path, modules) if target.startswith("h1tune.train"))
+    assert "h1tune.lm.loss" in modules and "h1tune.lm.batching" in modules
+    assert upward == []

@@ -248,7 +248,7 @@ def probe_adapters(model: Any, batch: dict[str, Any], *, strict: bool = True, sc
     """
     import torch
 
-    from h1tune.train.loss import shifted_cross_entropy
+    from h1tune.lm.loss import shifted_cross_entropy
 
     start = time.perf_counter()
     lora = _lora_units(model)

@@ -126,7 +126,7 @@ def token_weighted_loss(model, items: list, collator, batch_size: int) -> tuple[
     """Mean of `token_loss_sum` over all batches: summed in float64 and divided once."""
     import torch
 
-    from h1tune.train.trainer import token_loss_sum
+    from h1tune.lm.loss import token_loss_sum
 
     if batch_size < 1:
         raise DataError(f"batch size: must be >= 1, got {batch_size}")
@@ -151,7 +151,7 @@ def token_weighted_loss(model, items: list, collator, batch_size: int) -> tuple[
 def heldout_loss(model, tokenizer, conversations: list, data_cfg: DataConfig,
                  batch_size: int) -> LossResult:
     """Tokenize `conversations` for this model, batch them like training (padded or packed), score them."""
-    from h1tune.train.batching import make_batches
+    from h1tune.lm.batching import make_batches
 
     examples, dropped = tokenize_eval(conversations, tokenizer, data_cfg)
     batches = make_batches(data_cfg, tokenizer, examples, None)  # the train path: packed rows when packing

@@ -71,7 +71,7 @@ def make_grpo_batches(cfg: H1tuneConfig, tokenizer, data):
 
     from h1tune.data import pad_collate
     from h1tune.data.packing import collate_packed, pack_examples
-    from h1tune.train.batching import Batches, probe_examples
+    from h1tune.lm.batching import Batches, probe_examples
 
     pad_id = tokenizer.pad_token_id
     probe = probe_examples([{"input_ids": ids, "labels": ids} for ids in data.prompt_ids])

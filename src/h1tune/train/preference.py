@@ -2,7 +2,7 @@
 
     h1tune train dpo.yaml          # training.objective: dpo, data: preference pairs
 
-`h1tune train` and `h1tune check` run the same pipeline as SFT (train/sft.py, preflight.py): data
+`h1tune train` and `h1tune check` run the same pipeline as SFT (train/run.py, preflight.py): data
 checked and summarised before any weights load, the adapter policy and its probe, metrics.jsonl,
 progress bar, atomic checkpoints, resume, NaN stop. What differs is built here: TRL's collators
 (or h1tune's exact packing for DPO, packed_pairs.py), TRL's DPOConfig/KTOConfig from the recipe,
@@ -19,7 +19,7 @@ from typing import Any
 from h1tune.config import H1tuneConfig
 from h1tune.data import pad_collate
 from h1tune.data.render import IGNORE_INDEX
-from h1tune.train.batching import Batches, probe_examples
+from h1tune.lm.batching import Batches, probe_examples
 
 log = logging.getLogger("h1tune")
 

@@ -32,7 +32,7 @@ class Inputs:
 class Ready:
     """A model ready to train on its batches, with the probe's findings."""
 
-    batches: Any  # h1tune.train.batching.Batches
+    batches: Any  # h1tune.lm.batching.Batches
     model: Any
     probe: Any | None  # h1tune.adapters.probe.ProbeReport, None when adapter.probe is off
     precision: Any = None  # h1tune.precision.Precision
@@ -102,7 +102,7 @@ def prepare_model(cfg: H1tuneConfig, inputs: Inputs, probe: bool | None = None) 
     from h1tune.adapters import apply_adapter, frozen_base
     from h1tune.adapters.probe import ProbeError, ProbeReport, probe_adapters
     from h1tune.model import load_model
-    from h1tune.train.batching import make_batches
+    from h1tune.lm.batching import make_batches
     from h1tune.train.strategies import shards_4bit_weights
 
     if cfg.training.objective == "sft":

@@ -1,6 +1,6 @@
 """H1Trainer: the Hugging Face Trainer plus what h1tune guarantees on every run.
 
-A NaN/inf stop, a token-weighted eval loss (h1tune.train.loss), TII's warmup-stable-exponential
+A NaN/inf stop, a token-weighted eval loss (h1tune.lm.loss), TII's warmup-stable-exponential
 schedule, and atomic checkpoints (staged, marked complete, renamed into place). Under several
 processes the eval loss sums over every rank's rows, training rows are split without repeats
 (sharding.py), and only the main process publishes checkpoints and writes the final weights.
@@ -17,7 +17,7 @@ from transformers import Trainer
 
 from h1tune.errors import H1tuneError
 from h1tune.train import recipes, run_dir, sharding
-from h1tune.train.loss import chunked_lm_loss, row_loss_sums, shifted_cross_entropy, token_loss_sum
+from h1tune.lm.loss import chunked_lm_loss, row_loss_sums, shifted_cross_entropy, token_loss_sum
 
 __all__ = ["H1Trainer", "H1TrainerMixin", "STAGING_DIR", "shifted_cross_entropy", "token_loss_sum"]
 
