@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--doc", type=int, default=256, help="tokens per document in the row (0: one document)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--malloc-default", action="store_true",
+                        help="leave glibc's allocator as it is (training keeps freed memory: precision.keep_freed_memory)")
     args = parser.parse_args()
 
     import torch
@@ -48,7 +50,9 @@ def main() -> None:
     from h1tune.adapters import apply_adapter
     from h1tune.config import load_config
     from h1tune.model import load_model
-    from h1tune.precision import cpu_model, flush_denormals, gemm_speeds
+    import resource
+
+    from h1tune.precision import cpu_model, flush_denormals, gemm_speeds, keep_freed_memory
     from h1tune.lm.loss import chunked_lm_loss
 
     fp32_peak, _ = gemm_speeds()
@@ -56,6 +60,7 @@ def main() -> None:
     model = apply_adapter(load_model(cfg.model, announce=False), cfg).train()
     ssm.install()
     flush_denormals()  # as training does
+    kept = False if args.malloc_default else keep_freed_memory()
     inner = model.get_base_model()
     params = sum(p.numel() for p in inner.parameters())
 
@@ -73,24 +78,25 @@ def main() -> None:
         step(inputs, labels)  # warm-up
         seconds = statistics.median(step(inputs, labels) for _ in range(args.repeats))
         gflops = 4 * params * length / seconds / 1e9
+        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the process's peak so far
         rows.append({"length": length, "step_s": seconds, "tokens_per_s": length / seconds, "model_gflops": gflops,
-                     "share_of_fp32_gemm_peak": gflops / fp32_peak})
+                     "share_of_fp32_gemm_peak": gflops / fp32_peak, "peak_rss_gib": peak_gib})
     xs, ys = [math.log(r["length"]) for r in rows], [math.log(r["step_s"]) for r in rows]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     exponent = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
     print(f"step time vs packed length: preset {args.preset} ({params / 1e6:.1f}M parameters), LoRA r16, fp32, "
           f"{f'{args.doc}-token documents' if args.doc else 'one document per row'}, batch 1; fp32 GEMM peak "
-          f"measured {fp32_peak:.0f} GFLOP/s; {cpu_model()}")
-    head = f"{'length':>7}{'step s':>9}{'tokens/s':>10}{'model GFLOP/s':>15}{'of GEMM peak':>14}"
+          f"measured {fp32_peak:.0f} GFLOP/s; {cpu_model()}; freed memory {'kept' if kept else 'returned (glibc default)'}")
+    head = f"{'length':>7}{'step s':>9}{'tokens/s':>10}{'model GFLOP/s':>15}{'of GEMM peak':>14}{'peak RSS GiB':>14}"
     print(head + "\n" + "-" * len(head))
     for r in rows:
         print(f"{r['length']:>7}{r['step_s']:>9.3f}{r['tokens_per_s']:>10,.0f}{r['model_gflops']:>15.1f}"
-              f"{r['share_of_fp32_gemm_peak']:>14.0%}")
+              f"{r['share_of_fp32_gemm_peak']:>14.0%}{r['peak_rss_gib']:>14.2f}")
     print(f"fitted: step time ~ length^{exponent:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"preset": args.preset, "parameters": params, "fp32_gemm_gflops": fp32_peak,
-                                               "doc": args.doc, "rows": rows, "exponent": exponent}, indent=1))
+                                               "doc": args.doc, "freed_memory_kept": kept, "rows": rows, "exponent": exponent}, indent=1))
 
 
 if __name__ == "__main__":

@@ -143,8 +143,9 @@ class TrainingConfig(_Section):
 
     objective: Objective = Field("sft", description="sft, preference tuning: dpo (pairs) or kto (labelled completions), "
                                  "or grpo (online RL on prompts with training.rewards)")
-    recipe: Literal["lora", "tii_sft", "tii_dpo", "dpo", "kto", "grpo"] | None = Field(
-        None, description="default: lora for LoRA SFT, tii_sft for full SFT, dpo / kto / grpo for those objectives")
+    recipe: Literal["lora", "tii_sft", "tii_dpo", "dpo", "kto", "grpo", "h1r_grpo"] | None = Field(
+        None, description="default: lora for LoRA SFT, tii_sft for full SFT, dpo / kto / grpo for those objectives; "
+        "h1r_grpo: GRPO for long reasoning traces (see train/recipes.py for each value's source)")
     beta: float | None = Field(None, ge=0, description="dpo/kto: deviation from the reference (TRL's beta); grpo: the "
                                "KL coefficient (0: no reference forward)")
     loss_type: list[str] | None = Field(None, description="dpo/kto/grpo: TRL loss names, e.g. sigmoid_norm; default from the recipe")
@@ -153,6 +154,11 @@ class TrainingConfig(_Section):
     max_completion_length: int = Field(128, gt=0, description="grpo: tokens generated per completion at most")
     temperature: float = Field(1.0, gt=0, description="grpo: sampling temperature of the rollouts")
     top_p: float = Field(1.0, gt=0, le=1, description="grpo: nucleus sampling of the rollouts")
+    rollouts: Literal["transformers", "vllm"] = Field(
+        "transformers", description="grpo: who generates: transformers (any device, log-prob parity checked) or "
+        "vllm (CUDA, colocate mode, pip install -e '.[vllm]')")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="grpo with rollouts vllm: share of "
+                                               "each GPU vLLM may hold beside training")
     schedule_epochs: float | None = Field(None, gt=0, description="the LR schedule spans this many epochs; training stops after num_train_epochs")
     learning_rate: float | None = Field(None, gt=0)
     lr_scheduler_type: str | None = None

@@ -17,7 +17,7 @@ KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 BUILTIN_NAMES = ("math_answer", "think_format", "tool_call", "length")  # h1tune.rewards' built-ins
 GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 
-_OBJECTIVE_RECIPES = {"sft": ("lora", "tii_sft"), "dpo": ("tii_dpo", "dpo"), "kto": ("kto",), "grpo": ("grpo",)}
+_OBJECTIVE_RECIPES = {"sft": ("lora", "tii_sft"), "dpo": ("tii_dpo", "dpo"), "kto": ("kto",), "grpo": ("grpo", "h1r_grpo")}
 
 
 def objective_checks(cfg: H1tuneConfig) -> list[str]:
@@ -73,6 +73,8 @@ def grpo_checks(cfg: H1tuneConfig) -> list[str]:
             problems.append("training.rewards: applies to objective grpo; set training.objective: grpo or remove them")
         if t.beta == 0:
             problems.append(f"training.beta: must be > 0 for objective {t.objective}")
+        if t.rollouts != "transformers":
+            problems.append("training.rollouts: applies to objective grpo (who generates its completions); remove it")
         return problems
     if not t.rewards:
         problems.append("training.rewards: objective grpo needs at least one reward, e.g. [{name: math_answer}] "

@@ -128,6 +128,32 @@ def flush_denormals() -> None:
     torch.set_flush_denormal(True)  # False (nothing done) on CPUs without the instructions
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Keep large tensors' memory in the process between steps (glibc: no mmap, no trimming below 2 GiB).
+
+    glibc serves each allocation over 32 MiB with its own mmap and unmaps it on free, so every step
+    pays page faults (the kernel zeroes each new page) for all of its large activations again. At long
+    lengths that is most of what grows faster than linearly: a 32K-token tiny step took 40.9 s, of which
+    about half went to re-faulting (bench/seq_scaling.py). Off when any MALLOC_* variable is set (the
+    user chose), or H1TUNE_KEEP_MEMORY=0; returns whether it was applied.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux") or os.environ.get("H1TUNE_KEEP_MEMORY", "").strip() == "0":
+        return False
+    if any(name.startswith("MALLOC_") for name in os.environ):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return False
+
+
 def _why_fp32() -> str:
     if os.environ.get("H1TUNE_CPU_BF16", "").strip() == "0":
         return "H1TUNE_CPU_BF16=0"

@@ -145,3 +145,40 @@ def test_check_validates_a_grpo_config_and_shows_its_prompts(tmp_path, tiny_dir,
     assert "<|im_start|>user\nSay something about 0.<|im_end|>\n<|im_start|>assistant\n" in out
     assert "adapter probe: 32/32 LoRA modules live" in out and "check passed" in out
     assert not (tmp_path / "run").exists()
+
+
+GROUP_LOG = '''
+import json, os
+
+def score(prompts, completions, trainer_state=None, **kw):
+    step = getattr(trainer_state, "global_step", None)  # None: h1tune's check before training
+    with open(os.environ["H1TUNE_GROUPS_LOG"], "a") as f:
+        f.write(json.dumps({"rank": int(os.environ.get("RANK", 0)), "step": step, "prompts": prompts}) + "\\n")
+    return [len(str(c)) / 100 for c in completions]
+'''
+
+
+def test_two_processes_generate_each_prompt_group_once_per_step(tmp_path, tiny_dir):
+    """`--nproc 2` (gloo, CPU): every step's prompts are split between the ranks, each prompt generated
+    num_generations times in all: no group generated on both ranks, none split short."""
+    import os
+    import subprocess
+    import sys
+    from collections import Counter
+
+    (tmp_path / "groups.py").write_text(GROUP_LOG)
+    config = grpo_config(tmp_path, tiny_dir, rewards=[{"function": str(tmp_path / "groups.py") + ":score"}],
+                         per_device_train_batch_size=4, max_steps=3)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", H1TUNE_GROUPS_LOG=str(tmp_path / "groups.jsonl"))
+    done = subprocess.run([sys.executable, "-m", "h1tune.cli", "train", config, "--nproc", "2"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-5000:]
+    calls = [c for c in map(json.loads, (tmp_path / "groups.jsonl").read_text().splitlines()) if c["step"] is not None]
+    assert sorted({(c["rank"], c["step"]) for c in calls}) == [(r, s) for r in (0, 1) for s in range(3)]
+    for step in range(3):
+        per_rank = {c["rank"]: c["prompts"] for c in calls if c["step"] == step}
+        counts = Counter(json.dumps(p) for prompts in per_rank.values() for p in prompts)  # messages: lists
+        assert len(per_rank[0]) == len(per_rank[1]) == 4
+        assert len(counts) == 2 and set(counts.values()) == {4}, counts  # 8 completions: 2 groups of 4
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -75,3 +78,33 @@ def test_training_flushes_subnormals_to_zero_as_gpus_do():
         assert torch.tensor([1e-37]).mul(1.0).item() == pytest.approx(1e-37)  # normal floats untouched
     finally:
         torch.set_flush_denormal(False)
+
+
+KEPT_PROBE = """
+import os, sys, torch
+from h1tune.precision import keep_freed_memory
+def resident_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+before = resident_mib()
+x = torch.ones(64 * 2**20)  # 256 MiB, touched
+del x
+print(applied, round(resident_mib() - before))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_tensors_stay_in_the_process_unless_the_user_set_malloc(tmp_path):
+    """Training keeps freed memory (no page faults for the next step's activations); glibc's default returns
+    a 256 MiB tensor's pages at once; a MALLOC_* variable of the user's wins."""
+    import subprocess
+
+    def run(mode, **env):
+        out = subprocess.run([sys.executable, "-c", KEPT_PROBE, mode], capture_output=True, text=True, check=True,
+                             env={**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, **env})
+        applied, kept_mib = out.stdout.split()
+        return applied == "True", int(kept_mib)
+
+    assert run("keep") == (True, pytest.approx(256, abs=16))
+    assert run("default") == (False, pytest.approx(0, abs=16))
+    assert run("keep", MALLOC_ARENA_MAX="2") == (False, pytest.approx(0, abs=16))

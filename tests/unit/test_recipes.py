@@ -32,3 +32,29 @@ def test_recipe_defaults_by_method_and_overrides_win():
     custom = resolve_optimisation(load_config(None, ["training.recipe=tii_sft", "training.learning_rate=1e-5",
                                                      "training.adam_beta2=0.99"]), batch_tokens=8192)
     assert custom["learning_rate"] == 1e-5 and custom["adam_beta2"] == 0.99 and custom["adam_beta1"] == 0.9
+
+
+def test_the_grpo_recipe_is_trls_own_defaults():
+    """`grpo` claims to be what TRL's GRPOTrainer does without settings: checked against the installed TRL."""
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    trl = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    ours = resolve_optimisation(load_config(None, ["training.objective=grpo", "training.rewards=[{name: length}]"]), 1)
+    assert ours["recipe"] == "grpo"
+    for name in ("learning_rate", "lr_scheduler_type", "weight_decay", "adam_beta1", "adam_beta2", "beta"):
+        assert ours[name] == trl[name], name
+    assert ours["loss_type"] == [trl["loss_type"]] and ours["warmup_ratio"] == 0.0 and trl["warmup_steps"] == 0
+    assert ours["epsilon_high"] is trl["epsilon_high"] is None and ours["mask_truncated_completions"] is False
+
+
+def test_h1r_grpo_reaches_trls_config_with_clip_higher_and_masked_truncation():
+    from h1tune.train.arguments import trainer_kwargs
+    from h1tune.train.grpo import grpo_arguments
+
+    cfg = load_config(None, ["training.objective=grpo", "training.recipe=h1r_grpo", "training.rewards=[{name: length}]",
+                             "training.per_device_train_batch_size=8", "training.report_to=[none]"])
+    args = grpo_arguments(cfg, *trainer_kwargs(cfg, 1000, has_eval=False))
+    assert (args.learning_rate, args.lr_scheduler_type.value, args.beta, args.loss_type) == (1e-6, "constant", 0.0, "dapo")
+    assert (args.epsilon, args.epsilon_high, args.mask_truncated_completions) == (0.2, 0.28, True)

@@ -21,5 +21,5 @@ def __getattr__(name: str) -> Any:
     if name in __all__:
         from h1tune.train import run
 
-        return getattr(sft, name)
+        return getattr(run, name)
     raise AttributeError(f"module 'h1tune.train' has no attribute {name!r}")

@@ -92,18 +92,28 @@ def make_grpo_batches(cfg: H1tuneConfig, tokenizer, data):
 def grpo_arguments(cfg: H1tuneConfig, kwargs: dict[str, Any], opt: dict[str, Any]):
     from trl import GRPOConfig
 
+    from h1tune.train.vllm_rollouts import vllm_arguments
+
     t = cfg.training
     return GRPOConfig(**kwargs, beta=opt["beta"], loss_type=opt["loss_type"][0], num_generations=t.num_generations,
                       max_completion_length=t.max_completion_length, temperature=t.temperature, top_p=t.top_p,
-                      reward_weights=[r.weight for r in t.rewards], log_completions=False)
+                      reward_weights=[r.weight for r in t.rewards], log_completions=False,
+                      epsilon_high=opt["epsilon_high"], mask_truncated_completions=opt["mask_truncated_completions"],
+                      **vllm_arguments(cfg))
 
 
 def build_grpo_trainer(cfg: H1tuneConfig, ready, tokenizer, kwargs: dict, opt: dict, callbacks: list):
+    if cfg.training.rollouts == "vllm":
+        from h1tune.train.vllm_rollouts import require_vllm, without_prefix_caching
+
+        require_vllm()
+        without_prefix_caching()
     functions = reward_functions(cfg)
-    log.info("grpo: %d completions per prompt, up to %d tokens, temperature %g, top_p %g; loss %s, beta %g "
-             "(reference: %s); rewards %s", cfg.training.num_generations, cfg.training.max_completion_length,
-             cfg.training.temperature, cfg.training.top_p, opt["loss_type"][0], opt["beta"],
-             "the base with the adapter disabled" if opt["beta"] else "none (beta 0)",
+    log.info("grpo: %d completions per prompt, up to %d tokens%s, temperature %g, top_p %g, on %s; loss %s, clip "
+             "0.2 to %g, beta %g (reference: %s); rewards %s", cfg.training.num_generations,
+             cfg.training.max_completion_length, " (cut ones masked)" if opt["mask_truncated_completions"] else "",
+             cfg.training.temperature, cfg.training.top_p, cfg.training.rollouts, opt["loss_type"][0],
+             opt["epsilon_high"] or 0.2, opt["beta"], "the base with the adapter disabled" if opt["beta"] else "none (beta 0)",
              ", ".join(f"{getattr(f, '__name__', f)} x{r.weight:g}" for f, r in zip(functions, cfg.training.rewards)))
     return H1GRPOTrainer(model=ready.model, reward_funcs=functions, args=grpo_arguments(cfg, kwargs, opt),
                          train_dataset=ready.batches.train, eval_dataset=ready.batches.eval, processing_class=tokenizer,

@@ -9,10 +9,16 @@
   stopped after `num_train_epochs` (1): TII found stopping at about one epoch worked best.
 - `dpo`: conventional DPO: sigmoid loss, β=0.1, 5e-6, cosine, 10% warmup (the alignment handbook's
   LoRA setting). `kto`: TRL's KTO loss with the same optimiser settings.
-- `grpo`: TRL 1.16's GRPO defaults: the `dapo` loss (token-level normalisation, clip 0.2), no KL term
-  (β=0: no reference forward; set training.beta for one, the base with the adapter disabled), AdamW
-  (0.9, 0.99), a constant 1e-5. The Falcon-H1R paper's own RL values could not be read offline, so
-  there is no `h1r_grpo` recipe yet.
+- `grpo`: TRL 1.16's GRPOConfig defaults, as its `GRPOTrainer` runs without settings: the `dapo` loss
+  (token-level normalisation, clip 0.2), no KL term (β=0: no reference forward; set training.beta for one,
+  the base with the adapter disabled), AdamW (0.9, 0.999), 1e-6 decaying linearly, no warmup.
+- `h1r_grpo`: the RL stage of Falcon-H1R's SFT-then-RL path. What the paper (arXiv 2601.02346) says that
+  could be read offline (its abstract and published summaries; the RL section itself could not): GRPO-family
+  RL with verifiable rewards on data disjoint from the SFT set, after a cold-start SFT on long traces. Its
+  numbers (learning rate, clip, KL, group size, lengths) were not readable, so every value here is DAPO's
+  published setting for long reasoning traces (Yu et al. 2025, arXiv 2503.14476), labelled as such and not
+  as TII's: a constant 1e-6, no KL term, the token-level `dapo` loss, clip-higher (ε 0.2 below, 0.28 above),
+  truncated completions masked out of the loss (a cut trace carries no verifiable answer).
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ class Recipe:
     beta: float | None = None  # dpo/kto
     loss_type: str | None = None  # dpo/kto, TRL's name
     schedule_factor: float = 1.0  # the schedule spans factor * num_train_epochs; training stops at num_train_epochs
+    epsilon_high: float | None = None  # grpo: TRL's upper clip (None: the same as the lower, 0.2)
+    mask_truncated_completions: bool = False  # grpo: completions cut at max_completion_length leave the loss
 
 
 RECIPES = {
@@ -47,7 +55,9 @@ RECIPES = {
     "tii_dpo": Recipe(5e-6, "linear", 0.1, 0.0, 0.9, 0.999, beta=5.0, loss_type="sigmoid_norm", schedule_factor=2.0),
     "dpo": Recipe(5e-6, "cosine", 0.1, 0.0, 0.9, 0.999, beta=0.1, loss_type="sigmoid"),
     "kto": Recipe(5e-6, "cosine", 0.1, 0.0, 0.9, 0.999, beta=0.1, loss_type="kto"),
-    "grpo": Recipe(1e-5, "constant", 0.0, 0.0, 0.9, 0.99, beta=0.0, loss_type="dapo"),
+    "grpo": Recipe(1e-6, "linear", 0.0, 0.0, 0.9, 0.999, beta=0.0, loss_type="dapo"),
+    "h1r_grpo": Recipe(1e-6, "constant", 0.0, 0.0, 0.9, 0.999, beta=0.0, loss_type="dapo", epsilon_high=0.28,
+                       mask_truncated_completions=True),
 }
 DEFAULT_RECIPE = {"dpo": "dpo", "kto": "kto", "grpo": "grpo"}  # sft: tii_sft for full fine-tuning, else lora
 
@@ -74,6 +84,8 @@ def resolve_optimisation(cfg: H1tuneConfig, batch_tokens: int) -> dict[str, floa
         "beta": recipe.beta if t.beta is None else t.beta,
         "loss_type": t.loss_type or ([recipe.loss_type] if recipe.loss_type else None),
         "schedule_epochs": t.schedule_epochs or recipe.schedule_factor * t.num_train_epochs,
+        "epsilon_high": recipe.epsilon_high,
+        "mask_truncated_completions": recipe.mask_truncated_completions,
     }
 
 
