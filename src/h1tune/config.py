@@ -180,6 +180,8 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="recompute activations in backward (less memory, ~30% slower); auto: on when the "
         "memory estimate without it would not fit")
+    context_parallel: int = Field(1, ge=1, description="ranks that share one packed row (contiguous slices; the Mamba "
+                                  "state and attention keys cross between them); with --nproc = data-parallel x this")
     distributed: Distributed = Field("none", description="with `h1tune train --nproc N`: ddp, fsdp (FSDP2, sharded), "
                                      "deepspeed_zero2 or deepspeed_zero3; see docs/distributed.md")
     report_to: list[str] = Field(default_factory=lambda: ["auto"], description="'auto' = tensorboard when installed")

@@ -50,8 +50,28 @@ def objective_checks(cfg: H1tuneConfig) -> list[str]:
     return problems + grpo_checks(cfg)
 
 
+def context_parallel_checks(cfg: H1tuneConfig) -> list[str]:
+    """Context parallelism splits packed SFT rows over DDP processes; every other pairing is refused."""
+    t, problems = cfg.training, []
+    if t.context_parallel == 1:
+        return problems
+    if t.objective != "sft":
+        problems.append(f"training.context_parallel: splits SFT rows; objective {t.objective} is not supported yet "
+                        "(set training.context_parallel: 1)")
+    if not cfg.data.packing:
+        problems.append("training.context_parallel: needs data.packing: true (the slices carry document ids that "
+                        "tell each rank where a document continues)")
+    if t.distributed not in ("none", "ddp"):
+        problems.append(f"training.context_parallel: runs with training.distributed: ddp, not {t.distributed!r}")
+    return problems
+
+
 def distributed_checks(cfg: H1tuneConfig) -> list[str]:
-    """Strategy and quantization pairs that cannot shard, each with what to choose instead."""
+    """Strategy and quantization pairs that cannot shard, each with what to choose instead; context parallelism."""
+    return context_parallel_checks(cfg) + _strategy_checks(cfg)
+
+
+def _strategy_checks(cfg: H1tuneConfig) -> list[str]:
     strategy, quant = cfg.training.distributed, cfg.model.quantization
     if quant == "8bit" and strategy not in ("none", "ddp"):
         return [f"training.distributed: {strategy!r} cannot run model.quantization: '8bit' (bitsandbytes' int8 "

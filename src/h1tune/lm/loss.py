@@ -59,7 +59,7 @@ CHUNK_LOGIT_BYTES = 2**27  # fp32 logits held at once by the chunked loss (~128 
 
 
 def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: Any, multiplier: float,
-                    chunk_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+                    chunk_tokens: int | None = None, shifted: bool = False) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy computed from hidden states a chunk of tokens at a time.
 
     Equal to the model's own loss, Falcon-H1's `lm_head_multiplier` included (Liger's fused linear
@@ -69,8 +69,9 @@ def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: Any, mu
     """
     from torch.utils.checkpoint import checkpoint
 
-    shift_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    shift_labels = labels[:, 1:].to(hidden.device).reshape(-1)
+    # shifted: labels[t] already is token t+1's (a context-parallel slice, whose last target lives on the next rank)
+    shift_hidden = (hidden if shifted else hidden[:, :-1]).reshape(-1, hidden.shape[-1])
+    shift_labels = (labels if shifted else labels[:, 1:]).to(hidden.device).reshape(-1)
     keep = shift_labels != IGNORE_INDEX
     shift_hidden, shift_labels = shift_hidden[keep], shift_labels[keep]
     vocab = lm_head.weight.shape[0]

@@ -197,6 +197,26 @@ def selective_state_update(
     return y.squeeze(1) if headless else y
 
 
+def discretize_dt(
+    dt: torch.Tensor,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = _DEFAULT_DT_LIMIT,
+) -> torch.Tensor:
+    """The scan's step sizes in fp32: dt + dt_bias, softplus, clamp to dt_limit.
+
+    Shared so code that continues a scan (context parallelism) decays by exactly the scan's dt.
+    """
+    dt = dt.float()
+    if dt_bias is not None:
+        dt = dt + dt_bias.float()
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if tuple(dt_limit) != _DEFAULT_DT_LIMIT:
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    return dt
+
+
 def _chunk(t: torch.Tensor, pad: int, chunk_size: int) -> torch.Tensor:
     """(b, L, ...) -> (b, chunks, chunk_size, ...), zero-padding the sequence end."""
     if pad:
@@ -243,13 +263,7 @@ def mamba_chunk_scan_combined(
     pad = (-length) % Q
     n_chunks = (length + pad) // Q
 
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    if dt_softplus:
-        dt = F.softplus(dt)
-    if tuple(dt_limit) != _DEFAULT_DT_LIMIT:
-        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    dt = discretize_dt(dt, dt_bias, dt_softplus, dt_limit)
 
     # The mixer hands x, B and C over as views of the conv's channels-first output (time is the
     # innermost stride); every op below runs along time, and on those views the scan took 3-4x longer.

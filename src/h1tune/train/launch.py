@@ -111,6 +111,10 @@ def check_launchable(cfg: H1tuneConfig, topology: Topology, environ: dict | None
     if inside:
         problems.append(f"--nproc: this process already runs under a launcher ({inside[0]}={environ[inside[0]]}); "
                         "drop --nproc, the launcher started the processes")
+    cp_size = cfg.training.context_parallel
+    if topology.world_size % cp_size:
+        problems.append(f"--nproc: {topology.world_size} process(es) in all cannot form groups of "
+                        f"training.context_parallel ({cp_size}); use a multiple of it")
     strategy = cfg.training.distributed
     if strategy in NEEDS_CUDA and not torch.cuda.is_available():
         problems.append(f"training.distributed: {strategy!r} needs CUDA GPUs (accelerate runs FSDP and DeepSpeed on "
@@ -138,9 +142,13 @@ def launch_from_cli(args, cfg: H1tuneConfig, launcher: Launcher | None = None) -
         given = [flag for flag, value, default in (("--nnodes", args.nnodes, 1), ("--node-rank", args.node_rank, 0),
                  ("--master-addr", args.master_addr, None), ("--master-port", args.master_port, None))
                  if value != default]
-        if given:
-            raise ConfigError([f"{flag}: launches several processes, so it needs --nproc N (processes per node)"
-                               for flag in given])
+        problems = [f"{flag}: launches several processes, so it needs --nproc N (processes per node)" for flag in given]
+        cp_size = cfg.training.context_parallel
+        if cp_size > 1 and "WORLD_SIZE" not in os.environ:  # not one of the launched processes either
+            problems.append(f"training.context_parallel: {cp_size} ranks share each row, so the run needs "
+                            f"processes: h1tune train CONFIG --nproc {cp_size} (or a multiple)")
+        if problems:
+            raise ConfigError(problems)
         return None
     topology = Topology(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port)
     if not needs_launch(cfg, topology):

@@ -164,7 +164,7 @@ def with_memory_plan(cfg: H1tuneConfig, ready) -> H1tuneConfig:
     """The config with gradient checkpointing decided by the memory estimate (refused when it cannot fit)."""
     from h1tune.train.memory import plan_memory, refusal
 
-    tokens = ready.batches.micro_batch_tokens(cfg.training)
+    tokens = ready.batches.micro_batch_tokens(cfg.training) // cfg.training.context_parallel  # a rank's slice
     act_bytes = 2 if ready.precision is not None and ready.precision.autocast else 4
     plan = plan_memory(cfg.training.gradient_checkpointing, ready.model, tokens, act_bytes,
                        logit_tokens=sft_logit_tokens(cfg, ready.model))

@@ -19,7 +19,8 @@ def build_sft_trainer(cfg: H1tuneConfig, ready, tokenizer, kwargs: dict, opt: di
     batches = ready.batches
     return H1Trainer(model=ready.model, args=TrainingArguments(**kwargs), train_dataset=batches.train,
                      eval_dataset=batches.eval, data_collator=batches.collator, processing_class=tokenizer,
-                     callbacks=callbacks, wsd_exponential=opt["wsd_exponential"])
+                     callbacks=callbacks, wsd_exponential=opt["wsd_exponential"],
+                     context_parallel=cfg.training.context_parallel)
 
 
 def sft_logit_tokens(cfg: H1tuneConfig, model) -> int | None:

@@ -8,6 +8,7 @@ processes the eval loss sums over every rank's rows, training rows are split wit
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -16,10 +17,12 @@ import torch
 from transformers import Trainer
 
 from h1tune.errors import H1tuneError
+from h1tune.lm.loss import chunked_lm_loss, row_loss_sums
 from h1tune.train import recipes, run_dir, sharding
-from h1tune.lm.loss import chunked_lm_loss, row_loss_sums, shifted_cross_entropy, token_loss_sum
+from h1tune.train.context_groups import context_parallel_loss_sum, group_sampler, make_context_group
 
-__all__ = ["H1Trainer", "H1TrainerMixin", "STAGING_DIR", "shifted_cross_entropy", "token_loss_sum"]
+__all__ = ["H1Trainer", "H1TrainerMixin", "STAGING_DIR"]
+log = logging.getLogger("h1tune")
 
 STAGING_DIR = ".staging"
 
@@ -101,8 +104,16 @@ class H1TrainerMixin:
 
 
 class H1Trainer(H1TrainerMixin, Trainer):
-    """The HF Trainer with h1tune's guarantees (H1TrainerMixin), a chunked training loss and a
-    token-weighted evaluation."""
+    """The HF Trainer with h1tune's guarantees (H1TrainerMixin), a chunked training loss, a token-weighted
+    evaluation, and rows split over `context_parallel` ranks (context_groups.py)."""
+
+    def __init__(self, *args, context_parallel: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.context = None
+        if context_parallel > 1:
+            self.context = make_context_group(context_parallel)
+            log.info("context parallelism: each packed row split over %d ranks (slice %d here), %d data-parallel "
+                     "group(s)", self.context.size, self.context.rank, self.context.data_parallel)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The training loss from the final hidden states, a chunk of tokens at a time (loss.chunked_lm_loss).
@@ -118,27 +129,50 @@ class H1Trainer(H1TrainerMixin, Trainer):
         if (return_outputs or not model.training or causal_lm is None or self.is_fsdp_enabled
                 or self.is_deepspeed_enabled or self.label_smoother is not None or self.compute_loss_func):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        scale = 1
+        if self.context is not None:  # this rank's slice; DDP averages what the group must sum
+            total, count = context_parallel_loss_sum(model, causal_lm, inputs, self.context,
+                                                     self.processing_class.pad_token_id)
+            scale = self.context.size
+        else:
+            total, count = self._chunked_loss_sum(model, causal_lm, inputs)
+        if not (self.model_accepts_loss_kwargs and num_items_in_batch is not None):
+            return total / max(count, 1) * scale
+        loss = total / torch.as_tensor(num_items_in_batch).to(total.device) * scale
+        if self.args.average_tokens_across_devices:  # as Trainer.compute_loss: the mean over ranks undoes it
+            loss = loss * self.accelerator.num_processes
+        return loss
+
+    @staticmethod
+    def _chunked_loss_sum(model, causal_lm, inputs: dict) -> tuple[torch.Tensor, int]:
         captured = []
         hook = causal_lm.model.register_forward_hook(lambda module, args, output: captured.append(output[0]))
         try:
             model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=1, use_cache=False)
         finally:
             hook.remove()
-        total, count = chunked_lm_loss(captured[-1], inputs["labels"], causal_lm.lm_head,
-                                       causal_lm.model.lm_head_multiplier)
-        if not (self.model_accepts_loss_kwargs and num_items_in_batch is not None):
-            return total / max(count, 1)
-        loss = total / torch.as_tensor(num_items_in_batch).to(total.device)
-        if self.args.average_tokens_across_devices:  # as Trainer.compute_loss: the mean over ranks undoes it
-            loss = loss * self.accelerator.num_processes
-        return loss
+        return chunked_lm_loss(captured[-1], inputs["labels"], causal_lm.lm_head, causal_lm.model.lm_head_multiplier)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """With context parallelism the group's exchanges stay on through backward (checkpointing re-runs
+        the forward there)."""
+        if self.context is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        from h1tune import context_parallel
+
+        with context_parallel.enabled(self.context.group, model=_causal_lm(self.accelerator.unwrap_model(model))):
+            return super().training_step(model, inputs, num_items_in_batch)
 
     def get_train_dataloader(self):
         """Several processes: every real row once per epoch, in the single-process order (sharding.py)."""
         if self.args.world_size == 1 or self.train_dataset is None:
             return super().get_train_dataloader()
-        dataset, sampler = sharding.padded_sampler(self.train_dataset, self._train_batch_size, self.args.world_size,
-                                                   self.args.data_seed)
+        if self.context is not None:
+            dataset, sampler = group_sampler(self.train_dataset, self._train_batch_size, self.context,
+                                             self.args.data_seed)
+        else:
+            dataset, sampler = sharding.padded_sampler(self.train_dataset, self._train_batch_size,
+                                                       self.args.world_size, self.args.data_seed)
         return self._get_dataloader(dataset=dataset, description="Training", batch_size=self._train_batch_size,
                                     sampler_fn=lambda _: sampler, is_training=True)
 
