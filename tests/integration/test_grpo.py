@@ -5,6 +5,7 @@ equals an uninterrupted one, and bad rewards or data are refused before anything
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,22 @@ def test_two_processes_generate_each_prompt_group_once_per_step(tmp_path, tiny_d
         assert len(per_rank[0]) == len(per_rank[1]) == 4
         assert len(counts) == 2 and set(counts.values()) == {4}, counts  # 8 completions: 2 groups of 4
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_the_h1r_path_sft_on_traces_merge_then_grpo(tmp_path, capsys):
+    """examples/h1r_sft.yaml -> h1tune merge -> examples/h1r_grpo.yaml, shortened: the README's H1R path runs
+    end to end offline, the SFT trains on the traces and the RL stage starts from the merged model."""
+    repo = Path(__file__).resolve().parents[2]
+    sft, merged, grpo = tmp_path / "sft", tmp_path / "merged", tmp_path / "grpo"
+    assert main(["train", str(repo / "examples" / "h1r_sft.yaml"), "--set", f"output_dir={sft}",
+                 "--set", "training.num_train_epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"reasoning tokens, trained +3,691", out), out[-3000:]  # 48 traces, every trace token trained
+    assert main(["merge", str(sft / "final"), str(merged)]) == 0
+    assert main(["train", str(repo / "examples" / "h1r_grpo.yaml"), "--set", f"model.name_or_path={merged}",
+                 "--set", f"output_dir={grpo}", "--set", "training.max_steps=2"]) == 0
+    assert "clip 0.2 to 0.28" in capsys.readouterr().err
+    steps = metrics(grpo)
+    assert len(steps) == 2 and "rewards/math_answer/mean" in steps[0]
+    assert yaml.safe_load((grpo / "config.yaml").read_text())["training"]["recipe"] == "h1r_grpo"
+    assert (grpo / "final" / "adapter_model.safetensors").is_file()
