@@ -175,4 +175,4 @@ def test_a_context_parallel_training_run_trains_what_one_process_trains(tmp_path
 
     (losses_one, evals_one), (losses_two, evals_two) = logged(one.output_dir), logged(tmp_path / "two")
     assert len(losses_one) == 4 and losses_two == pytest.approx(losses_one, abs=1e-5)
-    assert len(evals_one) == 1 and evals_two == pytest.approx(evals_one, abs=1e-6)
+    assert len(evals_one) == 1 and evals_two == pytest.approx(evals_one, abs=1e-5)  # whole rows; adapters 3e-6 apart

@@ -4,7 +4,9 @@ with the ranks simulated by threads in one process (no process group).
 Each simulated rank runs in a thread; the all-gather stacks the tensors the threads deposit, so one
 backward over every rank's output gives each input the gradient the real group's all-gather
 backward sums. The layouts cover a document crossing a boundary, one starting exactly at a boundary,
-one filling two whole slices (the state folds through them), and a slice of several documents.
+one filling two whole slices (the state folds through them), and a slice of several documents; for
+attention also short crossings (only the slices' tails gathered, one crossing in with a single local
+token) and cuts that all fall between documents (nothing gathered).
 """
 
 import threading
@@ -20,6 +22,12 @@ WORLD, SLICE = 4, 20
 # exactly at 20 and fills slices 1 and 2 (20..65)
 LENGTHS = [[5, 30, 17, 28], [20, 45, 15]]
 TOL = dict(atol=1e-5, rtol=1e-5)
+# each slice ends in a document that goes on, but none spans a slice: ranks send their last 18 tokens;
+# row 1's slice 1 is a 1-token end of a document, a 1-token document and an 18-token one
+SHORT_CROSSINGS = [[5, 30, 17, 28], [10, 11, 1, 25, 33]]
+NO_CROSSING = [[20, 7, 13, 20, 20], [20, 20, 1, 19, 20]]  # every cut between documents: nothing to gather
+ATTENTION_LAYOUTS = {"whole_slices": (LENGTHS, SLICE), "short_crossings": (SHORT_CROSSINGS, 18),
+                     "no_crossing": (NO_CROSSING, 0)}
 
 
 class ThreadGroup:
@@ -69,8 +77,8 @@ def group(monkeypatch):
     return sim
 
 
-def _seg():
-    rows = [torch.cat([torch.full((n,), d) for d, n in enumerate(row)]) for row in LENGTHS]
+def _seg(lengths=LENGTHS):
+    rows = [torch.cat([torch.full((n,), d) for d, n in enumerate(row)]) for row in lengths]
     return kernels.segment_ids(torch.stack(rows)).to(torch.int32)  # (2, 80)
 
 
@@ -170,25 +178,60 @@ class _Heads(torch.nn.Module):
     is_causal = True
 
 
-def test_attention_equals_per_document_causal_attention_over_the_row(group):
+def _attention_cp(group, q, k, v, seg):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    gen = torch.Generator().manual_seed(3)
-    q = torch.randn(2, 4, WORLD * SLICE, 8, generator=gen).requires_grad_()
-    k = torch.randn(2, 2, WORLD * SLICE, 8, generator=gen).requires_grad_()
-    v = torch.randn(2, 2, WORLD * SLICE, 8, generator=gen).requires_grad_()
-    seg, module = _seg(), _Heads()
-    mask = (seg[:, :, None] == seg[:, None, :]) & torch.ones(80, 80, dtype=torch.bool).tril()
-    want, _ = sdpa_attention_forward(module, q, k, v, mask[:, None], scaling=0.3)
-
-    fn = attention.make_attention(sdpa_attention_forward, None)
+    fn, module = attention.make_attention(sdpa_attention_forward, None), _Heads()
     per_rank = list(zip(_slices(q, 2), _slices(k, 2), _slices(v, 2), _slices(seg, 1)))
-    got = torch.cat(group.run(lambda q_, k_, v_, s_: fn(module, q_, k_, v_, None, scaling=0.3, seq_idx=s_)[0],
-                              per_rank), dim=1)
+    return torch.cat(group.run(lambda q_, k_, v_, s_: fn(module, q_, k_, v_, None, scaling=0.3, seq_idx=s_)[0],
+                               per_rank), dim=1)
+
+
+def _qkv(seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"q": (2, 4, WORLD * SLICE, 8), "k": (2, 2, WORLD * SLICE, 8), "v": (2, 2, WORLD * SLICE, 8)}
+    return {name: torch.randn(shape, generator=gen).requires_grad_() for name, shape in shapes.items()}
+
+
+@pytest.mark.parametrize("layout", ATTENTION_LAYOUTS)
+def test_attention_equals_per_document_causal_attention_over_the_row(group, layout):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    lengths, tail = ATTENTION_LAYOUTS[layout]
+    t, seg = _qkv(), _seg(lengths)
+    assert attention.carried_tail(torch.stack(_slices(seg, 1))) == tail  # the gather path this layout takes
+    mask = (seg[:, :, None] == seg[:, None, :]) & torch.ones(80, 80, dtype=torch.bool).tril()
+    want, _ = sdpa_attention_forward(_Heads(), t["q"], t["k"], t["v"], mask[:, None], scaling=0.3)
+    got = _attention_cp(group, t["q"], t["k"], t["v"], seg)
     torch.testing.assert_close(got, want, **TOL)
-    tensors = {"q": q, "k": k, "v": v}
-    for name, g, w in zip(tensors, _grads([got], tensors), _grads([want], tensors)):
+    for name, g, w in zip(t, _grads([got], t), _grads([want], t)):
         torch.testing.assert_close(g, w, **TOL, msg=name)
+
+
+@pytest.mark.parametrize("layout", ATTENTION_LAYOUTS)
+def test_attention_runs_the_key_value_gathers_backward_on_every_rank_or_on_none(group, monkeypatch, layout):
+    """A real group's gather backward is an all_reduce: a rank that skipped it would hang the others.
+    Rank 0's first document never continues from an earlier rank, yet its backward must reach it too."""
+    forward, backward = [], []
+
+    class Recorded(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, tensor):
+            ctx.rank = group.local.rank
+            forward.append(ctx.rank)
+            return group.all_gather(tensor, None)
+
+        @staticmethod
+        def backward(ctx, grad):
+            backward.append(ctx.rank)
+            return grad[ctx.rank]
+
+    monkeypatch.setattr(attention, "all_gather",
+                        lambda t, g: Recorded.apply(t) if t.requires_grad else group.all_gather(t, g))
+    t = _qkv()
+    _grads([_attention_cp(group, t["q"], t["k"], t["v"], _seg(ATTENTION_LAYOUTS[layout][0]))], t)
+    expected = [] if layout == "no_crossing" else list(range(WORLD))
+    assert sorted(forward) == sorted(backward) == expected
 
 
 def test_seq_idx_that_is_not_the_rows_segment_ids_is_refused(group):
