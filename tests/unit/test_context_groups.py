@@ -77,3 +77,18 @@ def test_train_without_nproc_is_refused_before_anything_loads(tmp_path, monkeypa
                                      f"training: {{context_parallel: 2, distributed: ddp}}\noutput_dir: {tmp_path / 'run'}\n")
     assert main(["train", str(tmp_path / "c.yaml")]) == 2
     assert "h1tune train CONFIG --nproc 2" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_a_blank_row_still_splits_into_slices_the_conv_can_read():
+    """sharding.py pads an epoch with one-token blank rows; split over 2 ranks each slice still holds a conv
+    halo's worth of tokens (a 4-process run stopped on this), and no label is added."""
+    import torch
+
+    from h1tune import context_parallel as cp
+    from h1tune.train.context_groups import MIN_SLICE
+
+    blank = {"input_ids": torch.tensor([[7]]), "labels": torch.tensor([[-100]]), "position_ids": torch.tensor([[0]]),
+             "seq_idx": torch.tensor([[0]], dtype=torch.int32)}
+    slices = cp.split_packed_batch(cp.pad_to_multiple(blank, 2 * MIN_SLICE), 2)
+    assert [s["input_ids"].shape[1] for s in slices] == [MIN_SLICE, MIN_SLICE]
+    assert all((s["shift_labels"] == -100).all() for s in slices) and int(slices[0]["num_items_in_batch"]) == 0

@@ -26,6 +26,11 @@ from h1tune.errors import H1tuneError
 from h1tune.train import sharding
 
 
+# Every slice holds at least this many tokens (a padding document fills up): the conv reads d_conv - 1 = 3
+# tokens of the previous slice, and sharding's blank rows (one token) must split too.
+MIN_SLICE = 8
+
+
 @dataclass(frozen=True)
 class ContextGroup:
     size: int  # ranks per row
@@ -83,7 +88,8 @@ def context_parallel_loss_sum(model, causal_lm, inputs: dict, context: ContextGr
     from h1tune import context_parallel as cp
     from h1tune.lm.loss import chunked_lm_loss
 
-    mine = cp.split_packed_batch({k: v.cpu() for k, v in inputs.items()}, context.size, pad_token_id)[context.rank]
+    whole = cp.pad_to_multiple({k: v.cpu() for k, v in inputs.items()}, context.size * MIN_SLICE, pad_token_id)
+    mine = cp.split_packed_batch(whole, context.size, pad_token_id)[context.rank]
     device = inputs["input_ids"].device
     captured = []
     hook = causal_lm.model.register_forward_hook(lambda module, args, output: captured.append(output[0]))

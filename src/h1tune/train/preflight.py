@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from h1tune.config import H1tuneConfig
-from h1tune.precision import autocast, flush_denormals, fp32_gap, keep_freed_memory, training_precision
+from h1tune.precision import autocast, flush_denormals, fp32_gap, training_precision
 
 log = logging.getLogger("h1tune")
 
@@ -118,7 +118,6 @@ def prepare_model(cfg: H1tuneConfig, inputs: Inputs, probe: bool | None = None) 
     precision = training_precision(cfg)
     log.info("precision: %s", precision.describe())
     flush_denormals()
-    keep_freed_memory()  # CPU memory only: CUDA tensors come from torch's own caching allocator
     model = load_model(cfg.model.model_copy(update={"dtype": precision.weights}), shard_4bit=shards_4bit_weights(cfg))
     model.config.use_cache = False
     set_seed(cfg.training.seed)  # LoRA's initial A matrices come from the RNG: same seed, same run
