@@ -47,30 +47,20 @@ def _row(length: int, doc: int):
 
 
 def _step(model, batch, group=None, rank=0, size=1) -> float:
+    import contextlib
+
     from h1tune import context_parallel as cp
-    from h1tune.lm.loss import chunked_lm_loss
+    from h1tune.lm.loss import chunked_lm_loss, final_hidden_states
 
     inner = model.get_base_model()
     start = time.perf_counter()
     mine = cp.split_packed_batch(batch, size)[rank]
-    captured = []
-    hook = inner.model.register_forward_hook(lambda m, a, out: captured.append(out[0]))
-    try:
-        if group is None:
-            model(input_ids=mine["input_ids"], position_ids=mine["position_ids"], seq_idx=mine["seq_idx"],
-                  logits_to_keep=1, use_cache=False)
-            total, _ = chunked_lm_loss(captured[-1], mine["shift_labels"], inner.lm_head,
-                                       inner.model.lm_head_multiplier, shifted=True)
-            (total / mine["num_items_in_batch"]).backward()
-        else:
-            with cp.enabled(group, model=inner):
-                model(input_ids=mine["input_ids"], position_ids=mine["position_ids"], seq_idx=mine["seq_idx"],
-                      logits_to_keep=1, use_cache=False)
-                total, _ = chunked_lm_loss(captured[-1], mine["shift_labels"], inner.lm_head,
-                                           inner.model.lm_head_multiplier, shifted=True)
-                (total / mine["num_items_in_batch"]).backward()
-    finally:
-        hook.remove()
+    with cp.enabled(group, model=inner) if group is not None else contextlib.nullcontext():
+        hidden = final_hidden_states(model, inner, input_ids=mine["input_ids"], position_ids=mine["position_ids"],
+                                     seq_idx=mine["seq_idx"])
+        total, _ = chunked_lm_loss(hidden, mine["shift_labels"], inner.lm_head, inner.model.lm_head_multiplier,
+                                   shifted=True)
+        (total / mine["num_items_in_batch"]).backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - start
 

@@ -47,3 +47,15 @@ def test_chunked_logits_and_shallow_models_are_estimated_as_they_run():
     whole = memory.estimate_bytes(t90, 16384, True, 4)
     chunked = memory.estimate_bytes(t90, 16384, True, 4, logit_tokens=1024)
     assert whole - chunked == (16384 - 1024) * 32768 * 12  # the full logits, softmax and gradient that never exist
+
+
+def test_refusal_uses_the_measured_floor_not_the_cautious_estimate(monkeypatch):
+    """Tiny-90M at 32K tokens: the estimate with checkpointing (35.5 GiB) exceeds a 24 GiB machine, but the
+    step was measured at 7.0 GiB peak: it is tried, not refused; four times as many tokens still are."""
+    t90 = frozen_base("tiny-90m")
+    plan = memory.plan_memory("auto", t90, 32768, available=22 * memory.GiB, logit_tokens=1024)
+    assert plan.checkpointing and plan.with_checkpointing > 24 * memory.GiB > plan.least
+    monkeypatch.setattr(memory.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 6 * 2**20)  # 24 GiB
+    assert memory.refusal(plan, 32768) is None
+    huge = memory.plan_memory("auto", t90, 4 * 32768, available=22 * memory.GiB, logit_tokens=1024)
+    assert "counted optimistically" in memory.refusal(huge, 4 * 32768)

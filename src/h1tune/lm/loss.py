@@ -55,6 +55,19 @@ def row_loss_sums(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return per_token.double().sum(dim=1), counts
 
 
+def final_hidden_states(model: Any, causal_lm: Any, **inputs) -> torch.Tensor:
+    """The normed hidden states the lm_head would read, from a forward through every wrapper of `model` (DDP,
+    peft) with `logits_to_keep=1`, so the full logits are never made (chunked_lm_loss makes them a chunk at
+    a time). `causal_lm` is the FalconH1ForCausalLM inside `model`."""
+    captured = []
+    hook = causal_lm.model.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        model(**inputs, logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    return captured[-1]
+
+
 CHUNK_LOGIT_BYTES = 2**27  # fp32 logits held at once by the chunked loss (~128 MiB: 1,024 tokens of a 32k vocab)
 
 

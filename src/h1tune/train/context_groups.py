@@ -86,18 +86,13 @@ def context_parallel_loss_sum(model, causal_lm, inputs: dict, context: ContextGr
     of the whole batch (what one process would divide by). Call inside `h1tune.context_parallel.enabled`,
     the backward too."""
     from h1tune import context_parallel as cp
-    from h1tune.lm.loss import chunked_lm_loss
+    from h1tune.lm.loss import chunked_lm_loss, final_hidden_states
 
     whole = cp.pad_to_multiple({k: v.cpu() for k, v in inputs.items()}, context.size * MIN_SLICE, pad_token_id)
     mine = cp.split_packed_batch(whole, context.size, pad_token_id)[context.rank]
     device = inputs["input_ids"].device
-    captured = []
-    hook = causal_lm.model.register_forward_hook(lambda module, args, output: captured.append(output[0]))
-    try:
-        model(input_ids=mine["input_ids"].to(device), position_ids=mine["position_ids"].to(device),
-              seq_idx=mine["seq_idx"].to(device), logits_to_keep=1, use_cache=False)
-    finally:
-        hook.remove()
-    total, _ = chunked_lm_loss(captured[-1], mine["shift_labels"].to(device), causal_lm.lm_head,
+    hidden = final_hidden_states(model, causal_lm, input_ids=mine["input_ids"].to(device),
+                                 position_ids=mine["position_ids"].to(device), seq_idx=mine["seq_idx"].to(device))
+    total, _ = chunked_lm_loss(hidden, mine["shift_labels"].to(device), causal_lm.lm_head,
                                causal_lm.model.lm_head_multiplier, shifted=True)
     return total, int(mine["num_items_in_batch"])

@@ -17,7 +17,7 @@ import torch
 from transformers import Trainer
 
 from h1tune.errors import H1tuneError
-from h1tune.lm.loss import chunked_lm_loss, row_loss_sums
+from h1tune.lm.loss import chunked_lm_loss, final_hidden_states, row_loss_sums
 from h1tune.train import recipes, run_dir, sharding
 from h1tune.train.context_groups import context_parallel_loss_sum, group_sampler, make_context_group
 
@@ -145,13 +145,8 @@ class H1Trainer(H1TrainerMixin, Trainer):
 
     @staticmethod
     def _chunked_loss_sum(model, causal_lm, inputs: dict) -> tuple[torch.Tensor, int]:
-        captured = []
-        hook = causal_lm.model.register_forward_hook(lambda module, args, output: captured.append(output[0]))
-        try:
-            model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=1, use_cache=False)
-        finally:
-            hook.remove()
-        return chunked_lm_loss(captured[-1], inputs["labels"], causal_lm.lm_head, causal_lm.model.lm_head_multiplier)
+        hidden = final_hidden_states(model, causal_lm, **{k: v for k, v in inputs.items() if k != "labels"})
+        return chunked_lm_loss(hidden, inputs["labels"], causal_lm.lm_head, causal_lm.model.lm_head_multiplier)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """With context parallelism the group's exchanges stay on through backward (checkpointing re-runs
