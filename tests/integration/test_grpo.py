@@ -169,15 +169,15 @@ def test_two_processes_generate_each_prompt_group_once_per_step(tmp_path, tiny_d
 
     (tmp_path / "groups.py").write_text(GROUP_LOG)
     config = grpo_config(tmp_path, tiny_dir, rewards=[{"function": str(tmp_path / "groups.py") + ":score"}],
-                         per_device_train_batch_size=4, max_steps=3)
+                         per_device_train_batch_size=4, max_steps=2)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", H1TUNE_GROUPS_LOG=str(tmp_path / "groups.jsonl"))
     done = subprocess.run([sys.executable, "-m", "h1tune.cli", "train", config, "--nproc", "2"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-5000:]
     calls = [c for c in map(json.loads, (tmp_path / "groups.jsonl").read_text().splitlines()) if c["step"] is not None]
-    assert sorted({(c["rank"], c["step"]) for c in calls}) == [(r, s) for r in (0, 1) for s in range(3)]
-    for step in range(3):
+    assert sorted({(c["rank"], c["step"]) for c in calls}) == [(r, s) for r in (0, 1) for s in range(2)]
+    for step in range(2):
         per_rank = {c["rank"]: c["prompts"] for c in calls if c["step"] == step}
         counts = Counter(json.dumps(p) for prompts in per_rank.values() for p in prompts)  # messages: lists
         assert len(per_rank[0]) == len(per_rank[1]) == 4

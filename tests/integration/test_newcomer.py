@@ -119,8 +119,8 @@ def test_ctrl_c_says_how_to_resume_and_resume_takes_a_checkpoint(project, monkey
             if state.global_step == 2:
                 raise KeyboardInterrupt
 
-    real = sft._train
-    monkeypatch.setattr(sft, "_train", lambda cfg, inputs, claim, callbacks, *rest: real(cfg, inputs, claim, [Interrupt()], *rest))
+    real = run._train
+    monkeypatch.setattr(run, "_train", lambda cfg, inputs, claim, callbacks, *rest: real(cfg, inputs, claim, [Interrupt()], *rest))
     config = write(project, training__max_steps=4)
     assert main(["train", config]) == 130
     err = capsys.readouterr().err
