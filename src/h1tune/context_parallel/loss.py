@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from h1tune.context_parallel.split import IGNORE_INDEX
+from h1tune.data.render import IGNORE_INDEX
 
 
 def token_loss(logits: torch.Tensor, shift_labels: torch.Tensor,

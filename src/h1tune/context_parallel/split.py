@@ -21,10 +21,10 @@ from collections.abc import Mapping
 
 import torch
 
+from h1tune.data.render import IGNORE_INDEX
 from h1tune.errors import H1tuneError
 from h1tune.ssm.kernels import segment_ids
 
-IGNORE_INDEX = -100
 REQUIRED = ("input_ids", "labels", "position_ids", "seq_idx")
 
 

@@ -6,7 +6,7 @@
 
 The data goes through the training pipeline (any supported format, the chat template, labels on
 the assistant tokens only, `data.max_length` and `data.truncation`, packed rows when
-`data.packing` is on), and the loss is `h1tune.train.trainer.token_loss_sum`, the function
+`data.packing` is on), and the loss is `h1tune.lm.loss.token_loss_sum`, the function
 H1Trainer.evaluate sums: every labelled token counts once, so the number depends on neither the
 batch size, nor padding, nor packing, and equals the eval loss of a training run on the same set.
 """
