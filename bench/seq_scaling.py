@@ -7,7 +7,10 @@ One LoRA r16 forward + chunked loss + backward over one packed row of --doc-toke
 length (--doc 0: the whole row is one document, as a long reasoning trace is: its attention is then
 quadratic in the length and shows in the exponent, while packed short documents stay linear), through h1tune's own training path (its kernels, per-document attention, chunked loss, subnormals
 flushed), fp32,
-no gradient checkpointing; the median of --repeats steps after a warm-up. The exponent b of
+no gradient checkpointing; the median of --repeats steps after --warmup steps. Each length runs in a process
+of its own, as a run at that length would: its peak RSS is its own, and no length inherits the heap
+(and the page faults) another left (the first 32K step faults in ~10 GiB: 27 s, 20 s of it in the
+kernel; the next ones take 15 s). The exponent b of
 time ~ length^b is the least-squares slope in log-log: ~1 means the Mamba scan and per-document
 attention keep the cost linear in tokens. Model FLOPs count a frozen-base LoRA step as 4 x
 parameters x tokens (forward, and the input gradients of backward), the convention for MFU.
@@ -33,29 +36,31 @@ def packed_row(length: int, doc: int = 256):
     return {"input_ids": ids, "position_ids": position_ids, "seq_idx": seq_idx}, ids
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--lengths", default="512,1024,2048,4096")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per length first")
     parser.add_argument("--doc", type=int, default=256, help="tokens per document in the row (0: one document)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--malloc-default", action="store_true",
                         help="leave glibc's allocator as it is (training keeps freed memory: precision.keep_freed_memory)")
-    args = parser.parse_args()
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure this length, print JSON
+    return parser.parse_args()
 
-    import torch
+
+def measure(length: int, args: argparse.Namespace) -> dict:
+    """One length, in this process: the step time, model FLOP/s and the process's peak RSS."""
+    import resource
 
     from h1tune import ssm
     from h1tune.adapters import apply_adapter
     from h1tune.config import load_config
-    from h1tune.model import load_model
-    import resource
-
-    from h1tune.precision import cpu_model, flush_denormals, gemm_speeds, keep_freed_memory
     from h1tune.lm.loss import chunked_lm_loss
+    from h1tune.model import load_model
+    from h1tune.precision import flush_denormals, keep_freed_memory
 
-    fp32_peak, _ = gemm_speeds()
     cfg = load_config(None, [f"model.name_or_path={args.preset}", "model.dtype=float32", "adapter.probe=false"])
     model = apply_adapter(load_model(cfg.model, announce=False), cfg).train()
     ssm.install()
@@ -72,15 +77,35 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
+    inputs, labels = packed_row(length, args.doc or length)
+    for _ in range(args.warmup):
+        step(inputs, labels)
+    seconds = statistics.median(step(inputs, labels) for _ in range(args.repeats))
+    return {"length": length, "step_s": seconds, "tokens_per_s": length / seconds, "parameters": params,
+            "model_gflops": 4 * params * length / seconds / 1e9, "freed_memory_kept": kept,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def main() -> None:
+    args = parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args)))
+        return
+    import subprocess
+    import sys
+
+    from h1tune.precision import cpu_model, gemm_speeds
+
+    fp32_peak, _ = gemm_speeds()
+    child = [sys.executable, __file__, "--preset", args.preset, "--repeats", str(args.repeats), "--warmup",
+             str(args.warmup), "--doc", str(args.doc), *(["--malloc-default"] if args.malloc_default else [])]
     rows = []
     for length in [int(x) for x in args.lengths.split(",")]:
-        inputs, labels = packed_row(length, args.doc or length)
-        step(inputs, labels)  # warm-up
-        seconds = statistics.median(step(inputs, labels) for _ in range(args.repeats))
-        gflops = 4 * params * length / seconds / 1e9
-        peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the process's peak so far
-        rows.append({"length": length, "step_s": seconds, "tokens_per_s": length / seconds, "model_gflops": gflops,
-                     "share_of_fp32_gemm_peak": gflops / fp32_peak, "peak_rss_gib": peak_gib})
+        out = subprocess.run([*child, "--one", str(length)], check=True, capture_output=True, text=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        row["share_of_fp32_gemm_peak"] = row["model_gflops"] / fp32_peak
+        rows.append(row)
+    params, kept = rows[0]["parameters"], rows[0]["freed_memory_kept"]
     xs, ys = [math.log(r["length"]) for r in rows], [math.log(r["step_s"]) for r in rows]
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     exponent = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)

@@ -8,10 +8,16 @@ same result, and measured 2x faster forward+backward (8 rows of 512 tokens in 4 
 It needs the batch's `seq_idx`, which reaches the attention function with the model's kwargs;
 without it (padded batches, generation), or on CUDA (flash-attention varlen already skips the
 masked pairs there), transformers' function runs unchanged.
+
+The mask nobody then reads still costs: transformers builds it from `position_ids` before the
+layers run, a (length x length) bool tensor made with three elementwise passes, 4.8 s and 1 GiB
+for one 32K-token row, the one quadratic term left in a long-trace step. `install()` therefore also
+hands FalconH1Model its masks as already made (none) when the per-document function will run.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -49,20 +55,50 @@ def _per_document(original: Callable) -> Callable:
     return packed_sdpa_attention_forward
 
 
-def install() -> None:
-    """Route `sdpa` attention calls through the per-document function (idempotent; every model in
-    the process, as the Mamba kernel seam: calls without `seq_idx` are untouched)."""
+NO_MASKS = {"full_attention": None, "linear_attention": None}  # FalconH1Model skips building a dict it is given
+
+
+def _without_dense_mask(forward: Callable) -> Callable:
+    @functools.wraps(forward)
+    def forward_without_dense_mask(self, *args, **kwargs):
+        seq_idx = kwargs.get("seq_idx")
+        if (len(args) <= 1 and kwargs.get("attention_mask") is None and seq_idx is not None and not seq_idx.is_cuda
+                and kwargs.get("cache") is None and self.config._attn_implementation == "sdpa"
+                and hasattr(_sdpa_function(), _ORIGINAL)):
+            kwargs["attention_mask"] = NO_MASKS  # the per-document function reads seq_idx, never the mask
+        return forward(self, *args, **kwargs)
+
+    setattr(forward_without_dense_mask, _ORIGINAL, forward)
+    return forward_without_dense_mask
+
+
+def _sdpa_function() -> Callable:
     from transformers.modeling_utils import AttentionInterface
 
-    current = AttentionInterface._global_mapping["sdpa"]
+    return AttentionInterface._global_mapping["sdpa"]
+
+
+def install() -> None:
+    """Route `sdpa` attention calls through the per-document function, and let packed CPU forwards skip
+    the dense mask (idempotent; every model in the process, as the Mamba kernel seam: calls without
+    `seq_idx` are untouched)."""
+    from transformers.modeling_utils import AttentionInterface
+    from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1Model
+
+    current = _sdpa_function()
     if not hasattr(current, _ORIGINAL):
         AttentionInterface.register("sdpa", _per_document(current))
+    if not hasattr(FalconH1Model.forward, _ORIGINAL):
+        FalconH1Model.forward = _without_dense_mask(FalconH1Model.forward)
 
 
 def uninstall() -> None:
-    """Put transformers' SDPA function back (tests compare against it)."""
+    """Put transformers' SDPA function and FalconH1Model.forward back (tests compare against them)."""
     from transformers.modeling_utils import AttentionInterface
+    from transformers.models.falcon_h1.modeling_falcon_h1 import FalconH1Model
 
-    current = AttentionInterface._global_mapping["sdpa"]
+    current = _sdpa_function()
     if hasattr(current, _ORIGINAL):
         AttentionInterface.register("sdpa", getattr(current, _ORIGINAL))
+    if hasattr(FalconH1Model.forward, _ORIGINAL):
+        FalconH1Model.forward = getattr(FalconH1Model.forward, _ORIGINAL)
