@@ -139,7 +139,8 @@ def keep_freed_memory() -> bool:
     lengths that is most of what grows faster than linearly: a 32K-token tiny step took 40.3 s with glibc's
     default and 17.5 s with this, at 10.8 GiB peak RSS instead of 7.1 (bench/seq_scaling.py), so training
     applies it only when its memory plan leaves that room (train/run.py). Off when any MALLOC_* variable
-    is set (the user chose), or H1TUNE_KEEP_MEMORY=0; returns whether it was applied.
+    is set (the user chose), or H1TUNE_KEEP_MEMORY=0 (=1 keeps it whatever the plan says); returns whether
+    it was applied.
     """
     import ctypes
     import sys

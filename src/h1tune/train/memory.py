@@ -21,14 +21,16 @@ GiB = 2**30
 # Mamba mixer (in_proj output is ~2.5x hidden, the scan's states and chunked intermediates) and the
 # MLP. Calibrated: 0.5B shape, fp32, 2x1024 tokens, no checkpointing, ~19 GB above the weights.
 ACTIVATION_FACTOR = 62
-# With checkpointing, backward holds one recomputed layer plus its gradients and the allocator's
-# slack: that 0.5B step peaked at 7.9 GiB with non-reentrant checkpointing and 6.2 GiB with reentrant
-# (bench/laptop_epoch.py); the estimate keeps the larger (~8 layers' worth), so it errs on fitting.
+# With checkpointing, backward holds the recomputed layer with its gradients, and slack that does not grow
+# with the length (the allocator's, the loss chunk's, the probe's): a 0.5B step at 2,048 tokens peaked at
+# 7.9 GiB with non-reentrant checkpointing (bench/laptop_epoch.py), ~8 layers' worth at that length. So:
+# 2 layers at the step's length + the other 6 counted at CALIBRATION_TOKENS. Counting all 8 at the length
+# erred 5x at 32K (Tiny-90M: estimate 35.5 GiB, 7.0 GiB peak) and kept long runs from keeping freed memory.
 RECOMPUTE_LAYERS = 8
-# The estimate errs high at long lengths: Tiny-90M steps peaked at 9.9 GiB at 16K tokens (estimate 18.5)
-# and 7.0 GiB at 32K (estimate 35.5; bench/long_trace_sft.py). Refusing a run uses this optimistic count
-# (2 recomputed layers, 12.3 GiB there), so a run that may fit is tried; checkpointing is still decided
-# with the cautious estimate.
+RECOMPUTE_AT_LENGTH = 2
+CALIBRATION_TOKENS = 2048
+# Refusing a run uses an optimistic count (RECOMPUTE_FLOOR layers in all), so a run that may fit is
+# tried; checkpointing is still decided with the cautious estimate.
 RECOMPUTE_FLOOR = 2
 FIT_FRACTION = 0.8  # use at most this share of the memory available when the run starts
 RUNTIME_OVERHEAD = int(0.8 * GiB)  # interpreter, torch, libraries, data
@@ -81,7 +83,10 @@ def estimate_bytes(model, tokens_per_step: int, checkpointing: bool, act_bytes: 
     per_layer = tokens_per_step * ACTIVATION_FACTOR * hidden * act_bytes
     activations = per_layer * layers
     if checkpointing:  # layer inputs kept, one recomputed layer (and slack) at a time: never more than without
-        activations = min(activations, tokens_per_step * layers * hidden * act_bytes * 2 + recompute_layers * per_layer)
+        at_length = min(recompute_layers, RECOMPUTE_AT_LENGTH)
+        slack = (recompute_layers - at_length) * per_layer * min(1.0, CALIBRATION_TOKENS / tokens_per_step)
+        kept_inputs = tokens_per_step * layers * hidden * act_bytes * 2
+        activations = min(activations, kept_inputs + at_length * per_layer + int(slack))
     logits = min(tokens_per_step, logit_tokens or tokens_per_step) * config.vocab_size * 4 * 3  # fp32, softmax, grad
     return weights + trainable + activations + logits + RUNTIME_OVERHEAD
 

@@ -11,6 +11,7 @@ with automatic resume, and a NaN stop (trainer.py).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -162,6 +163,8 @@ def _build_trainer(cfg: H1tuneConfig, ready, tokenizer, kwargs: dict, opt: dict,
 
 # Keeping freed memory (precision.keep_freed_memory) raised a 32K-token tiny step's peak RSS from 7.1 to
 # 10.8 GiB (x1.5) while halving its time (bench/seq_scaling.py): only where the estimate has that room.
+# Checkpointed long steps fragment the kept heap more: Tiny-90M at 32K with it forced on (H1TUNE_KEEP_MEMORY=1)
+# was past 20 GiB RSS in its second step and growing (7.0 GiB peak with glibc's default); this rule declines it.
 KEPT_MEMORY_FACTOR = 1.6
 
 
@@ -179,7 +182,9 @@ def with_memory_plan(cfg: H1tuneConfig, ready) -> H1tuneConfig:
     if why:
         raise H1tuneError(f"not enough memory: {why}")
     print(f"gradient checkpointing {plan.summary()}")
-    if plan.available and plan.estimate * KEPT_MEMORY_FACTOR < plan.available * FIT_FRACTION and keep_freed_memory():
+    forced = os.environ.get("H1TUNE_KEEP_MEMORY", "").strip() == "1"  # "0" turns it off (keep_freed_memory)
+    room = plan.available and plan.estimate * KEPT_MEMORY_FACTOR < plan.available * FIT_FRACTION
+    if (forced or room) and keep_freed_memory():
         log.info("freed memory kept in the process between steps (faster long steps; the memory plan leaves room)")
     return cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": plan.checkpointing})})
 
