@@ -50,11 +50,12 @@ def test_chunked_logits_and_shallow_models_are_estimated_as_they_run():
 
 
 def test_checkpointed_estimates_cover_the_measured_peaks_without_erring_far(monkeypatch):
-    """Peaks measured with checkpointing (bench/laptop_epoch.py; bench/long_trace_sft.py, 8 traces per row, 8K
-    with freed memory kept, 32K without): the estimate is at or above each, and at most 2x above (counting
+    """Peaks measured with checkpointing (bench/laptop_epoch.py; bench/long_trace_sft.py, 8 traces per row,
+    Tiny-90M at 8K with freed memory kept): the estimate is within 5% below each (0.5B at 8K: 11.6 GiB
+    estimated, 12.1 measured; FIT_FRACTION leaves 20%), and at most 2x above (counting
     8 layers at the step's length estimated 35.5 GiB at 32K, 5x). A run that cannot fit even counted
     optimistically is still refused."""
-    measured = {("0.5b", 2048): 7.9, ("tiny-90m", 8192): 5.3, ("tiny-90m", 32768): 7.0}
+    measured = {("0.5b", 2048): 7.9, ("0.5b", 8192): 12.1, ("tiny-90m", 8192): 5.3, ("tiny-90m", 32768): 7.0}
     for (preset, tokens), peak in measured.items():
         plan = memory.plan_memory(True, frozen_base(preset), tokens, logit_tokens=1024)
         assert peak * 0.95 <= plan.with_checkpointing / memory.GiB <= peak * 2, (preset, tokens)
