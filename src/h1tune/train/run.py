@@ -185,7 +185,8 @@ def with_memory_plan(cfg: H1tuneConfig, ready) -> H1tuneConfig:
     forced = os.environ.get("H1TUNE_KEEP_MEMORY", "").strip() == "1"  # "0" turns it off (keep_freed_memory)
     room = plan.available and plan.estimate * KEPT_MEMORY_FACTOR < plan.available * FIT_FRACTION
     if (forced or room) and keep_freed_memory():
-        log.info("freed memory kept in the process between steps (faster long steps; the memory plan leaves room)")
+        log.info("freed memory kept in the process between steps (faster long steps; %s)",
+                 "H1TUNE_KEEP_MEMORY=1" if forced else "the memory plan leaves room")
     return cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": plan.checkpointing})})
 
 
