@@ -11,6 +11,8 @@ on an otherwise idle machine, since two processes of 2 OpenMP threads slow each 
   4. laptop_epoch.py    the 0.5B-shape LoRA epoch over 999 Alpaca rows, predicted from a few steps
   5. memory_step.py     peak RSS of one 0.5B-shape LoRA step at 2,048 tokens, h1tune vs TRL
 Data: ../shared/data/real/alpaca_en_demo.json beside the checkout (parts 2-4).
+The header names the CPU, the GEMM peaks measured at the start and the precision `dtype: auto` chose:
+every ratio below is only comparable between runs on the same CPU kind and precision.
 """
 
 from __future__ import annotations
@@ -63,6 +65,16 @@ def summary(results: dict) -> list[str]:
     return lines
 
 
+def machine() -> dict:
+    """The CPU, its fp32/bf16 GEMM peaks measured now, and what `model.dtype: auto` chooses on it (and why)."""
+    from h1tune.config import load_config
+    from h1tune.precision import cpu_model, gemm_speeds, training_precision
+
+    fp32, bf16 = gemm_speeds()
+    chosen = training_precision(load_config(None, ["model.name_or_path=tiny"]))
+    return {"cpu": cpu_model(), "fp32_gemm_gflops": fp32, "bf16_gemm_gflops": bf16, "auto_precision": chosen.describe()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench-results.json", help="where the combined JSON goes")
@@ -71,6 +83,9 @@ def main() -> None:
     args = parser.parse_args()
     chosen = [p for p in PARTS if (not args.quick or p[3]) and (not args.only or p[0] in args.only.split(","))]
     results, seconds = {}, {}
+    cpu = machine()
+    print(f"{cpu['cpu']}; GEMM peak measured now: fp32 {cpu['fp32_gemm_gflops']:.0f}, bf16 {cpu['bf16_gemm_gflops']:.0f} "
+          f"GFLOP/s; dtype auto: {cpu['auto_precision']}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, script, extra, _ in chosen:
             print(f"\n=== {name} ({script}) ===", flush=True)
@@ -82,10 +97,11 @@ def main() -> None:
                 print(f"{name} failed (exit {done.returncode}); continuing", flush=True)
                 continue
             results[name] = json.loads(out.read_text())
-    lines = summary(results)
+    lines = [f"{cpu['cpu']}; GEMM peak fp32 {cpu['fp32_gemm_gflops']:.0f} / bf16 {cpu['bf16_gemm_gflops']:.0f} GFLOP/s; "
+             f"dtype auto: {cpu['auto_precision']}", *summary(results)]
     print("\n=== summary ===\n" + "\n".join(lines))
     print("part seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
-    Path(args.out).write_text(json.dumps({"summary": lines, "seconds": seconds, "parts": results}, indent=1))
+    Path(args.out).write_text(json.dumps({"machine": cpu, "summary": lines, "seconds": seconds, "parts": results}, indent=1))
     print(f"wrote {args.out}")
 
 
