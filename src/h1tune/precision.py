@@ -131,21 +131,22 @@ def flush_denormals() -> None:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(room: bool = True) -> bool:
     """Keep large tensors' memory in the process between steps (glibc: no mmap, no trimming below 2 GiB).
 
     glibc serves each allocation over 32 MiB with its own mmap and unmaps it on free, so every step
     pays page faults (the kernel zeroes each new page) for all of its large activations again. At long
     lengths that is most of what grows faster than linearly: a 32K-token tiny step took 40.3 s with glibc's
     default and 17.5 s with this, at 10.8 GiB peak RSS instead of 7.1 (bench/seq_scaling.py), so training
-    applies it only when its memory plan leaves that room (train/run.py). Off when any MALLOC_* variable
-    is set (the user chose), or H1TUNE_KEEP_MEMORY=0 (=1 keeps it whatever the plan says); returns whether
-    it was applied.
+    applies it only when its memory plan leaves that `room` (train/run.py). Off when any MALLOC_* variable
+    is set (the user chose), or H1TUNE_KEEP_MEMORY=0; H1TUNE_KEEP_MEMORY=1 applies it without `room`.
+    Returns whether it was applied.
     """
     import ctypes
     import sys
 
-    if not sys.platform.startswith("linux") or os.environ.get("H1TUNE_KEEP_MEMORY", "").strip() == "0":
+    choice = os.environ.get("H1TUNE_KEEP_MEMORY", "").strip()
+    if not sys.platform.startswith("linux") or choice == "0" or not (room or choice == "1"):
         return False
     if any(name.startswith("MALLOC_") for name in os.environ):
         return False

@@ -56,10 +56,11 @@ def test_checkpointed_estimates_cover_the_measured_peaks_without_erring_far(monk
     8 layers at the step's length estimated 35.5 GiB at 32K, 5x). A run that cannot fit even counted
     optimistically is still refused."""
     measured = {("0.5b", 2048): 7.9, ("0.5b", 8192): 12.1, ("tiny-90m", 8192): 5.3, ("tiny-90m", 32768): 7.0}
+    bases = {preset: frozen_base(preset) for preset, _ in measured}
     for (preset, tokens), peak in measured.items():
-        plan = memory.plan_memory(True, frozen_base(preset), tokens, logit_tokens=1024)
+        plan = memory.plan_memory(True, bases[preset], tokens, logit_tokens=1024)
         assert peak * 0.95 <= plan.with_checkpointing / memory.GiB <= peak * 2, (preset, tokens)
-    t90 = frozen_base("tiny-90m")
+    t90 = bases["tiny-90m"]
     monkeypatch.setattr(memory.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 6 * 2**20)  # 24 GiB
     plan = memory.plan_memory("auto", t90, 32768, available=22 * memory.GiB, logit_tokens=1024)
     assert plan.checkpointing and memory.refusal(plan, 32768) is None

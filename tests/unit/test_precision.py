@@ -85,7 +85,7 @@ import os, sys, torch
 from h1tune.precision import keep_freed_memory
 def resident_mib():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+applied = keep_freed_memory(sys.argv[1] == "keep") if sys.argv[1] in ("keep", "no-room") else False
 before = resident_mib()
 x = torch.ones(64 * 2**20)  # 256 MiB, touched
 del x
@@ -108,3 +108,7 @@ def test_freed_tensors_stay_in_the_process_unless_the_user_set_malloc(tmp_path):
     assert run("keep") == (True, pytest.approx(256, abs=16))
     assert run("default") == (False, pytest.approx(0, abs=16))
     assert run("keep", MALLOC_ARENA_MAX="2") == (False, pytest.approx(0, abs=16))
+    # without room (the memory plan's call) only H1TUNE_KEEP_MEMORY=1 keeps it; =0 wins over room
+    assert run("no-room") == (False, pytest.approx(0, abs=16))
+    assert run("no-room", H1TUNE_KEEP_MEMORY="1") == (True, pytest.approx(256, abs=16))
+    assert run("keep", H1TUNE_KEEP_MEMORY="0") == (False, pytest.approx(0, abs=16))

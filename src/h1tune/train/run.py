@@ -11,7 +11,6 @@ with automatic resume, and a NaN stop (trainer.py).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -182,11 +181,10 @@ def with_memory_plan(cfg: H1tuneConfig, ready) -> H1tuneConfig:
     if why:
         raise H1tuneError(f"not enough memory: {why}")
     print(f"gradient checkpointing {plan.summary()}")
-    forced = os.environ.get("H1TUNE_KEEP_MEMORY", "").strip() == "1"  # "0" turns it off (keep_freed_memory)
-    room = plan.available and plan.estimate * KEPT_MEMORY_FACTOR < plan.available * FIT_FRACTION
-    if (forced or room) and keep_freed_memory():
+    room = bool(plan.available) and plan.estimate * KEPT_MEMORY_FACTOR < plan.available * FIT_FRACTION
+    if keep_freed_memory(room):
         log.info("freed memory kept in the process between steps (faster long steps; %s)",
-                 "H1TUNE_KEEP_MEMORY=1" if forced else "the memory plan leaves room")
+                 "the memory plan leaves room" if room else "H1TUNE_KEEP_MEMORY=1")
     return cfg.model_copy(update={"training": cfg.training.model_copy(update={"gradient_checkpointing": plan.checkpointing})})
 
 
